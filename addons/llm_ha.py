@@ -1,0 +1,12 @@
+"""llm-ha: keep a self-hosted LLM service available under traffic spikes.
+
+    mitmdump --mode reverse:http://127.0.0.1:8001 -s addons/llm_ha.py \
+        --set llm_ha_profile=profiles/local-two-upstreams.yaml
+
+The code lives in the `llmha` package beside this script (mitmproxy puts the script's folder on
+sys.path); see README.md.
+"""
+
+from llmha.addon import LlmHa
+
+addons = [LlmHa()]

@@ -1,0 +1,254 @@
+"""Profiles: the YAML that says which flows are LLM flows, where they may go, and how health is judged.
+
+`load_profile` turns a file into a typed, validated `Profile`, or raises `ProfileError`, whose text is
+one line naming the file, the key and the problem. Pure apart from reading the file: the environment
+(for `${VAR}`) and the reverse-proxy target (for upstreams without nodes) are passed in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_MATCH = "~u /v1/"
+
+
+class ProfileError(ValueError):
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path, self.key, self.problem = path, key, problem
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    failure_rate_threshold: float = 50.0
+    interval: float = 1.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    min_requests: int = 1
+    k_decay_after: float | None = None  # None: base_ejection_time
+
+    @property
+    def k_decay_period(self) -> float:
+        return self.base_ejection_time if self.k_decay_after is None else self.k_decay_after
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    nodes: tuple[str, ...]
+    api_key: str | None = None
+    model: str | None = None
+    first_byte_timeout: float = 0.2
+    request_timeout: float = 600.0
+    max_inflight: int | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    path: str
+    upstreams: tuple[Upstream, ...]
+    match: str = DEFAULT_MATCH
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    transparent_failover: bool = True
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    @property
+    def first_byte_timeout(self) -> float:
+        return self.upstreams[0].first_byte_timeout
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+_TOP_KEYS = {"match", "first_byte_timeout", "request_timeout", "health_check", "upstreams", "transparent_failover"}
+_HEALTH_KEYS = {f for f in HealthCheck.__dataclass_fields__}
+_UPSTREAM_KEYS = {"name", "nodes", "api_key", "model", "first_byte_timeout", "request_timeout", "max_inflight"}
+
+
+def parse_duration(value: Any) -> float:
+    """'200ms', '1s', '2m', '1h' or a number of seconds -> seconds. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(value)
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(value)
+    return seconds
+
+
+def load_profile(path: str | os.PathLike, env: Mapping[str, str] | None = None,
+                 reverse_target: str | None = None) -> Profile:
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ProfileError(path, "", f"cannot read the profile: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ProfileError(path, "", f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_profile(data, path, os.environ if env is None else env, reverse_target)
+
+
+def parse_profile(data: Any, path: str, env: Mapping[str, str], reverse_target: str | None) -> Profile:
+    reader = _Reader(path, env)
+    top = reader.mapping(data, "", _TOP_KEYS)
+    defaults = {
+        "first_byte_timeout": reader.duration(top, "first_byte_timeout", 0.2),
+        "request_timeout": reader.duration(top, "request_timeout", 600.0),
+    }
+    upstream_list = top.get("upstreams")
+    if not isinstance(upstream_list, list) or not upstream_list:
+        raise ProfileError(path, "upstreams", "needs a list of at least one upstream")
+    upstreams = tuple(
+        reader.upstream(item, f"upstreams[{i}]", defaults, reverse_target if i == 0 else None)
+        for i, item in enumerate(upstream_list)
+    )
+    names = [u.name for u in upstreams]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ProfileError(path, f"upstreams[{i}].name", f"duplicate upstream name {name!r}")
+    match = top.get("match", DEFAULT_MATCH)
+    if not isinstance(match, str) or not match.strip():
+        raise ProfileError(path, "match", "needs a mitmproxy filter expression, e.g. '~u /v1/'")
+    failover = top.get("transparent_failover", True)
+    if not isinstance(failover, bool):
+        raise ProfileError(path, "transparent_failover", f"needs true or false, got {failover!r}")
+    return Profile(path=path, upstreams=upstreams, match=match,
+                   health_check=reader.health_check(top.get("health_check", {})),
+                   transparent_failover=failover)
+
+
+class _Reader:
+    """Reads one profile, keeping the file name for its errors."""
+
+    def __init__(self, path: str, env: Mapping[str, str]) -> None:
+        self.path, self.env = path, env
+
+    def fail(self, key: str, problem: str) -> ProfileError:
+        return ProfileError(self.path, key, problem)
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(key or "(top level)", f"needs a mapping, got {type(value).__name__}")
+        for name in value:
+            if name not in allowed:
+                where = f"{key}.{name}" if key else str(name)
+                raise self.fail(where, f"unknown key (known: {', '.join(sorted(allowed))})")
+        return value
+
+    def duration(self, section: dict, name: str, default: float, prefix: str = "") -> float:
+        if name not in section:
+            return default
+        try:
+            return parse_duration(section[name])
+        except ValueError:
+            raise self.fail(prefix + name, f"bad duration {section[name]!r} (use e.g. 200ms, 1s, 30s, "
+                                           "or a positive number of seconds)") from None
+
+    def health_check(self, value: Any) -> HealthCheck:
+        section = self.mapping(value, "health_check", _HEALTH_KEYS)
+        prefix = "health_check."
+        threshold = section.get("failure_rate_threshold", 50)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 1 <= threshold <= 100:
+            raise self.fail(prefix + "failure_rate_threshold", f"needs a percentage from 1 to 100, got {threshold!r}")
+        min_requests = section.get("min_requests", 1)
+        if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
+            raise self.fail(prefix + "min_requests", f"needs a whole number >= 1, got {min_requests!r}")
+        base = self.duration(section, "base_ejection_time", 30.0, prefix)
+        cap = self.duration(section, "max_ejection_time", max(300.0, base), prefix)
+        if cap < base:
+            raise self.fail(prefix + "max_ejection_time", f"{cap:g}s is shorter than base_ejection_time {base:g}s")
+        decay = self.duration(section, "k_decay_after", base, prefix) if "k_decay_after" in section else None
+        return HealthCheck(failure_rate_threshold=float(threshold),
+                           interval=self.duration(section, "interval", 1.0, prefix),
+                           base_ejection_time=base, max_ejection_time=cap,
+                           min_requests=min_requests, k_decay_after=decay)
+
+    def upstream(self, value: Any, key: str, defaults: dict, reverse_target: str | None) -> Upstream:
+        section = self.mapping(value, key, _UPSTREAM_KEYS)
+        name = section.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise self.fail(f"{key}.name", "needs a non-empty name")
+        return Upstream(
+            name=name,
+            nodes=self.nodes(section, key, reverse_target),
+            api_key=self.secret(section, "api_key", key),
+            model=self.text(section, "model", key),
+            first_byte_timeout=self.duration(section, "first_byte_timeout", defaults["first_byte_timeout"], key + "."),
+            request_timeout=self.duration(section, "request_timeout", defaults["request_timeout"], key + "."),
+            max_inflight=self.positive_int(section, "max_inflight", key),
+        )
+
+    def nodes(self, section: dict, key: str, reverse_target: str | None) -> tuple[str, ...]:
+        if "nodes" not in section:
+            if reverse_target:
+                return (reverse_target.rstrip("/"),)
+            raise self.fail(f"{key}.nodes", "missing (only the first upstream may omit nodes, "
+                                            "and only in reverse-proxy mode, where it means the reverse target)")
+        nodes = section["nodes"]
+        if not isinstance(nodes, list) or not nodes:
+            raise self.fail(f"{key}.nodes", "needs a list of base URLs, e.g. [\"http://127.0.0.1:8001\"]")
+        urls = []
+        for i, node in enumerate(nodes):
+            url = self.expand(node, f"{key}.nodes[{i}]").rstrip("/") if isinstance(node, str) else None
+            parts = urlsplit(url) if url else None
+            if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise self.fail(f"{key}.nodes[{i}]", f"needs an http:// or https:// base URL, got {node!r}")
+            urls.append(url)
+        if len(set(urls)) != len(urls):
+            raise self.fail(f"{key}.nodes", "lists the same URL twice")
+        return tuple(urls)
+
+    def text(self, section: dict, name: str, key: str, secret: bool = False) -> str | None:
+        value = section.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            shown = f"a {type(value).__name__}" if secret else repr(value)
+            raise self.fail(f"{key}.{name}", f"needs a non-empty string, got {shown}")
+        return self.expand(value, f"{key}.{name}")
+
+    def secret(self, section: dict, name: str, key: str) -> str | None:
+        value = self.text(section, name, key, secret=True)
+        if value is not None and any(c in value for c in "\r\n"):
+            raise self.fail(f"{key}.{name}", "contains a line break")
+        return value
+
+    def positive_int(self, section: dict, name: str, key: str) -> int | None:
+        value = section.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(f"{key}.{name}", f"needs a whole number >= 1, got {value!r}")
+        return value
+
+    def expand(self, value: str, key: str) -> str:
+        def lookup(match: re.Match) -> str:
+            var = match.group(1)
+            if var not in self.env or self.env[var] == "":
+                raise self.fail(key, f"environment variable {var} is not set")
+            return self.env[var]
+
+        return _ENV_REF.sub(lookup, value)
