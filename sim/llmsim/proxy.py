@@ -1,0 +1,126 @@
+"""Start a real mitmdump with llm-ha from tests, the demo and the benchmarks.
+
+    with start_mitmdump(profile="profiles/x.yaml", reverse="http://127.0.0.1:8001") as proxy:
+        ...  # proxy.url, proxy.status(), proxy.output()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .testing import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+ADDON = REPO / "addons" / "llm_ha.py"
+STARTUP_TIMEOUT = 30.0
+
+
+def mitmdump_command() -> list[str]:
+    exe = Path(sys.executable).with_name("mitmdump")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
+
+
+class MitmProcess:
+    def __init__(self, process: subprocess.Popen, port: int, status_port: int | None, log_path: str) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.status_url = f"http://127.0.0.1:{status_port}" if status_port else None
+        self.log_path = log_path
+
+    def __enter__(self) -> MitmProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"{self.status_url}/status", timeout=5) as response:
+            return json.loads(response.read())
+
+    def node(self, upstream: str, index: int = 0) -> dict:
+        return next(u for u in self.status()["upstreams"] if u["name"] == upstream)["nodes"][index]
+
+    def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.05) -> dict:
+        """Poll /status until `predicate(status)` holds; the last status, or AssertionError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting on the proxy's status: {json.dumps(status)[:2000]}")
+            time.sleep(interval)
+
+    def output(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        return self.output()
+
+
+def start_mitmdump(profile: str | os.PathLike | None, reverse: str | None = None, *,
+                   options: dict | None = None, args: list[str] = (), status: bool = True,
+                   confdir: str | None = None, env: dict | None = None,
+                   wait: bool = True, log_path: str | None = None) -> MitmProcess:
+    """mitmdump with llm-ha on a free port of 127.0.0.1; `wait=False` for a start meant to fail."""
+    port = free_port()
+    status_port = free_port() if status else None
+    settings = {"listen_host": "127.0.0.1", "termlog_verbosity": "info"}
+    if profile is not None:
+        settings["llm_ha_profile"] = str(profile)
+    if status_port:
+        settings["llm_ha_status"] = f"127.0.0.1:{status_port}"
+    if confdir:
+        settings["confdir"] = confdir
+    settings.update(options or {})
+    command = [*mitmdump_command(), "-p", str(port), "-s", str(ADDON)]
+    if reverse:
+        command += ["--mode", f"reverse:{reverse}"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    command += list(args)
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix="llm-ha-mitmdump-", suffix=".log")
+        os.close(fd)
+    log = open(log_path, "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})}, cwd=REPO)
+    log.close()
+    proxy = MitmProcess(process, port, status_port, log_path)
+    if wait:
+        _wait_until_up(proxy)
+    return proxy
+
+
+def _wait_until_up(proxy: MitmProcess) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proxy.process.poll() is not None:
+            raise RuntimeError(f"mitmdump exited with {proxy.process.returncode}:\n{proxy.output()}")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            if proxy.status_url:
+                proxy.status()
+                return
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5):
+                return
+        time.sleep(0.1)
+    proxy.stop()
+    raise RuntimeError(f"mitmdump did not come up in {STARTUP_TIMEOUT}s:\n{proxy.output()}")
