@@ -30,17 +30,30 @@ def sse_data(text: str) -> list[str]:
     return [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
 
 
-async def first_token_time(url: str, max_tokens: int = 10) -> tuple[float, int]:
+async def first_token_time(url: str, max_tokens: int = 10, client: httpx.AsyncClient | None = None):
     """(seconds to the first SSE event, number of events) of one streamed request."""
-    async with httpx.AsyncClient(timeout=30) as client:
+    if client is None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await first_token_time(url, max_tokens, client)
+    start = time.monotonic()
+    ttft, events = None, 0
+    async with client.stream("POST", url + CHAT, json=chat_body(max_tokens)) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events += 1
+                ttft = ttft if ttft is not None else time.monotonic() - start
+    return ttft, events
+
+
+async def concurrently(url: str, count: int, max_tokens: int) -> list[tuple[float, float]]:
+    """(time to first token, duration) of `count` requests sent at once on one client."""
+    async def one(client):
         start = time.monotonic()
-        ttft, events = None, 0
-        async with client.stream("POST", url + CHAT, json=chat_body(max_tokens)) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    events += 1
-                    ttft = ttft if ttft is not None else time.monotonic() - start
-        return ttft, events
+        ttft, _ = await first_token_time(url, max_tokens, client)
+        return ttft, time.monotonic() - start
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(*(one(client) for _ in range(count)))
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +103,12 @@ def test_non_streaming_answer_and_models(ideal):
 # -- physics
 
 def test_queueing_beyond_the_batch_raises_time_to_first_token(simulators):
-    sim = simulators("--max-batch", "2", "--token-time", "0.02", "--batch-alpha", "0",
+    sim = simulators("--max-batch", "2", "--token-time", "0.05", "--batch-alpha", "0",
                      "--prefill-time", "0.005", "--prefill-per-token", "0")
 
-    async def six_at_once():
-        return await asyncio.gather(*(first_token_time(sim.url, max_tokens=10) for _ in range(6)))
-
-    ttfts = sorted(t for t, _ in asyncio.run(six_at_once()))
-    # Two run at once for 10 steps of 20 ms; each later pair waits for the one before.
-    assert ttfts[1] < 0.15, ttfts
-    assert ttfts[2] > ttfts[1] + 0.12, ttfts
-    assert ttfts[4] > ttfts[3] + 0.12 - 0.05 and ttfts[4] > 0.35, ttfts
+    ttfts = sorted(t for t, _ in asyncio.run(concurrently(sim.url, 6, max_tokens=10)))
+    # Two run at once for 10 steps of 50 ms; the next pair waits 0.5 s, the last pair 1 s.
+    assert ttfts[1] < 0.3 and ttfts[2] > 0.4 and ttfts[4] > 0.85, ttfts
     stats = sim.stats()
     assert stats["peak_batch"] == 2 and stats["peak_queue"] >= 3
     assert stats["completed"] == 6 and stats["in_flight"] == 0
@@ -110,15 +118,8 @@ def test_per_token_time_grows_with_the_batch(simulators):
     sim = simulators("--max-batch", "8", "--token-time", "0.01", "--batch-alpha", "0.5",
                      "--prefill-time", "0", "--prefill-per-token", "0")
 
-    async def durations(n: int) -> list[float]:
-        async def one():
-            start = time.monotonic()
-            await first_token_time(sim.url, max_tokens=20)
-            return time.monotonic() - start
-        return await asyncio.gather(*(one() for _ in range(n)))
-
-    alone = asyncio.run(durations(1))[0]
-    crowded = max(asyncio.run(durations(8)))
+    alone = asyncio.run(concurrently(sim.url, 1, max_tokens=20))[0][1]
+    crowded = max(d for _, d in asyncio.run(concurrently(sim.url, 8, max_tokens=20)))
     # 20 steps: 10 ms alone, 10 ms * (1 + 0.5 * 7) = 45 ms with 8 in the batch.
     assert alone < 0.5 and crowded > 2.5 * alone, (alone, crowded)
 

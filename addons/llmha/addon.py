@@ -50,6 +50,10 @@ class Runtime:
         self._started: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
 
+    @property
+    def started(self) -> bool:
+        return self._started is not None
+
     async def ensure_started(self) -> None:
         if self._started is None:
             self._started = asyncio.create_task(self._start())
@@ -69,6 +73,7 @@ class Runtime:
         return self.picker.candidates(self.tracker, time.time())
 
     def status(self) -> dict:
+        self.tick()  # events due by now are logged before the status shows their effect
         return build_status(self.profile, self.tracker, self.events, time.time())
 
     def find_nodes(self, name: str) -> list[Node]:
@@ -189,6 +194,8 @@ class LlmHa:
             return
         try:
             profile = load_profile(os.path.expanduser(path), reverse_target=_reverse_target(ctx.options.mode))
+            if self.runtime and self.runtime.profile == profile:
+                return  # unchanged (e.g. mitmproxy rolling back a refused change): keep the health state
             runtime = Runtime(profile, self.events)
         except ProfileError as e:
             self._refuse(str(e))
@@ -211,9 +218,8 @@ class LlmHa:
 
     def _replace_runtime(self, runtime: Runtime | None) -> None:
         old, self.runtime = self.runtime, runtime
-        if old:
-            with contextlib.suppress(RuntimeError):
-                asyncio.ensure_future(old.stop())
+        if old and old.started:
+            asyncio.ensure_future(old.stop())
 
     def _say_inert(self) -> None:
         if not self._said_inert:
@@ -222,6 +228,8 @@ class LlmHa:
 
     def _adjust_mitmproxy_options(self) -> None:
         wanted = {}
+        if "connection_strategy" not in ctx.options:  # a harness without the proxy's options
+            return
         if ctx.options.connection_strategy != "lazy":
             # Eager mode connects to the reverse target before any hook runs and drops the client when it
             # is down; llm-ha must serve from the fallback then.

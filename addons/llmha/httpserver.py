@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import h11
+
+logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 32 * 1024 * 1024
 
@@ -126,25 +129,31 @@ class HttpServer:
     async def stop(self, reset: bool = False) -> None:
         """Stop listening and cut every open connection; `reset`: with a TCP reset each."""
         self._close_listener()
+        connections = list(self._connections.items())
         if reset:
-            for writer in list(self._connections.values()):
+            for _, writer in connections:
                 _reset(writer)
-        for task in list(self._connections):
+        for task, _ in connections:
             task.cancel()
-        for task in list(self._connections):
+        for task, writer in connections:
             with contextlib.suppress(BaseException):
                 await task
+            with contextlib.suppress(BaseException):
+                await writer.wait_closed()
 
-    def stop_listening(self) -> None:
+    async def stop_listening(self) -> None:
         """Refuse new connections and close the idle keep-alive ones; requests in progress finish.
 
         Closing the idle connections matters: a client's pooled connection would otherwise keep
-        reaching a server that is supposed to be unreachable.
+        reaching a server that is supposed to be unreachable. Returns once they are closed.
         """
         self._close_listener()
-        for task, writer in list(self._connections.items()):
-            if task not in self._busy:
-                writer.close()
+        idle = [writer for task, writer in self._connections.items() if task not in self._busy]
+        for writer in idle:
+            writer.close()
+        for writer in idle:
+            with contextlib.suppress(BaseException):
+                await writer.wait_closed()
 
     def _close_listener(self) -> None:
         if self._server is not None:
@@ -191,6 +200,11 @@ class HttpServer:
                 await responder.respond(500, b"handler sent no response")
         except ConnectionError:
             return False
+        except Exception:
+            logger.exception(f"error serving {request.method} {request.path}")
+            if responder.started:
+                return False
+            await responder.respond(500, b"internal error\n")
         finally:
             watcher.cancel()
             with contextlib.suppress(BaseException):

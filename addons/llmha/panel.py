@@ -65,11 +65,15 @@ def build_panel(status: dict, *, source: str = "") -> RenderableType:
     )
 
 
-def build_unreachable_panel(url: str, error: str, down_since: float, attempts: int) -> RenderableType:
+def build_unreachable_panel(
+    url: str, error: str, down_since: float, attempts: int, retry_every: float | None = None
+) -> RenderableType:
+    headline = "unreachable" if retry_every is None else f"unreachable (retrying every {retry_every:g}s)"
+    attempts_text = f"{attempts} failed attempt{'s' if attempts != 1 else ''}"
     lines = Group(
-        Text("unreachable (retrying)", style="bold red"),
+        Text(headline, style="bold red"),
         Text.assemble(("last error: ", "dim"), error),
-        Text(f"down since {_clock(down_since)}, {attempts} failed attempt{'s' if attempts != 1 else ''}", style="dim"),
+        Text(f"down since {_clock(down_since)}, {attempts_text}", style="dim"),
     )
     return Panel(lines, title="[bold]llm-ha[/bold]", title_align="left", subtitle=url, subtitle_align="right", border_style="red")
 
@@ -93,19 +97,31 @@ def sparkline(values: Sequence[float | None], ceiling: float | None) -> Text:
     return text
 
 
-class Sparkline:
-    """A sparkline that, when squeezed, keeps the newest samples (the right end) visible."""
+def downsample(values: Sequence[float | None], width: int) -> list[float | None]:
+    """At most `width` values, each the worst (largest) of an equal run of samples, newest run last."""
+    if width <= 0:
+        return []
+    size = math.ceil(len(values) / width)
+    if size <= 1:
+        return list(values)
+    start = len(values) % size  # the oldest, incomplete run is dropped
+    runs = (values[i : i + size] for i in range(start, len(values), size))
+    return [max((v for v in run if v is not None), default=None) for run in runs]
 
-    def __init__(self, text: Text) -> None:
-        self.text = text
+
+class Sparkline:
+    """A sparkline that fits whatever width its table column gets, still covering the whole window."""
+
+    def __init__(self, values: Sequence[float | None], ceiling: float | None) -> None:
+        self.values = values
+        self.ceiling = ceiling
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        width = len(self.text)
-        return Measurement(min(width, 8), width)
+        width = len(self.values)
+        return Measurement(min(width, 10), width)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        width = options.max_width
-        yield self.text[-width:] if len(self.text) > width else self.text
+        yield sparkline(downsample(self.values, options.max_width), self.ceiling)
 
 
 def format_event(event: dict) -> Text:
@@ -144,7 +160,7 @@ def _header(profile: dict) -> Text:
         ("interval", _seconds(profile.get("interval_s"))),
         ("base ejection", _seconds(profile.get("base_ejection_time_s"))),
         ("max", _seconds(profile.get("max_ejection_time_s"))),
-        ("first-byte timeout", _milliseconds(profile.get("first_byte_timeout_ms"))),
+        ("first-byte timeout", _milliseconds(profile.get("first_byte_timeout_ms")) + " (█)"),
     ]
     text = Text.assemble(("profile ", "dim"), (str(profile.get("name", "?")), "bold"))
     for label, value in parts:
@@ -153,35 +169,77 @@ def _header(profile: dict) -> Text:
     return text
 
 
-NODE_COLUMNS = (
-    ("upstream", {"style": "bold", "no_wrap": True}),
-    ("node", {"max_width": 34}),  # with the sparkline, the only columns that shrink on narrow terminals
-    ("state", {"no_wrap": True}),
-    ("k", {"justify": "right"}),
-    ("ej", {"justify": "right"}),
-    ("fail / thr", {"justify": "right", "no_wrap": True}),
-    ("req/s", {"justify": "right"}),
-    ("inflight", {"justify": "right", "no_wrap": True}),
-    ("shed", {"justify": "right"}),
-    ("p50 ms", {"justify": "right"}),
-    ("p95 ms", {"justify": "right"}),
-    ("TTFB last 60s (█ = timeout)", {}),
-)
+NODE_COLUMNS = {
+    "upstream": {"style": "bold", "no_wrap": True},
+    "node": {"max_width": 34},  # node and sparkline are the columns that shrink on narrow terminals
+    "state": {"no_wrap": True},
+    "k": {"justify": "right", "no_wrap": True},
+    "ej": {"justify": "right", "no_wrap": True},
+    "fail / thr": {"justify": "right", "no_wrap": True},
+    "req/s": {"justify": "right", "no_wrap": True},
+    "inflight": {"justify": "right", "no_wrap": True},
+    "shed": {"justify": "right", "no_wrap": True},
+    "p50/p95 ms": {"justify": "right", "no_wrap": True},
+    "TTFB 60s": {"justify": "right"},  # right edge = now, on every row
+}
+COLUMN_GAP = 3  # cell padding on both sides plus SIMPLE_HEAD's blank column separator
+DROPPED_WHEN_NARROW = ("shed", "ej", "req/s", "inflight", "node")  # first dropped first
+
+
+class NodeTable:
+    """One row per node, grouped by upstream in order (primary first).
+
+    When even the shrinkable columns cannot make it fit, the least important columns are left out
+    rather than letting rich squeeze every column down to nothing.
+    """
+
+    def __init__(self, upstreams: list[dict], profile: dict) -> None:
+        self.rows = [dict(zip(NODE_COLUMNS, cells)) for cells in _node_rows(upstreams, profile)]
+
+    def table(self, hidden: Iterable[str] = ()) -> Table:
+        columns = [name for name in NODE_COLUMNS if name not in hidden]
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False, header_style="bold dim")
+        for name in columns:
+            table.add_column(name, **NODE_COLUMNS[name])
+        for row in self.rows:
+            table.add_row(*(row[name] for name in columns))
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        hidden: list[str] = []
+        for name in DROPPED_WHEN_NARROW:
+            if self.needed_width(console, options, hidden) <= options.max_width:
+                break
+            hidden.append(name)
+        yield self.table(hidden)
+
+    def needed_width(self, console: Console, options: ConsoleOptions, hidden: Iterable[str]) -> int:
+        """Width without squeezing: no-wrap columns whole, the others at their minimum.
+
+        (rich's own table measurement lets no-wrap text shrink to its longest word.)
+        """
+        columns = [name for name in NODE_COLUMNS if name not in hidden]
+        total = COLUMN_GAP * (len(columns) - 1)
+        for name in columns:
+            sizes = [Measurement.get(console, options, cell) for cell in (Text(name), *(row[name] for row in self.rows))]
+            whole = NODE_COLUMNS[name].get("no_wrap", False)
+            total += max(size.maximum if whole else size.minimum for size in sizes)
+        return total
 
 
 def _node_table(upstreams: list[dict], profile: dict) -> RenderableType:
     if not upstreams:
         return Text("no upstreams configured", style="dim")
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, header_style="bold dim")
-    for name, options in NODE_COLUMNS:
-        table.add_column(name, **options)
+    return NodeTable(upstreams, profile)
+
+
+def _node_rows(upstreams: list[dict], profile: dict) -> Iterable[list[RenderableType]]:
     threshold = profile.get("failure_rate_threshold")
     for upstream in upstreams:
         timeout = upstream.get("first_byte_timeout_ms") or profile.get("first_byte_timeout_ms")
         label = _upstream_label(upstream, profile)
         for index, node in enumerate(upstream.get("nodes") or []):
-            table.add_row(label if index == 0 else "", *_node_cells(node, threshold, timeout))
-    return table
+            yield [label if index == 0 else Text(""), *_node_cells(node, threshold, timeout)]
 
 
 def _upstream_label(upstream: dict, profile: dict) -> Text:
@@ -194,7 +252,7 @@ def _upstream_label(upstream: dict, profile: dict) -> Text:
 
 def _node_cells(node: dict, threshold: float | None, timeout: float | None) -> list[RenderableType]:
     return [
-        Text(str(node.get("url", "?")), no_wrap=True, overflow="ellipsis"),
+        Shrinkable(Text(str(node.get("url", "?")), no_wrap=True, overflow="ellipsis"), minimum=12),
         _state_cell(node),
         _number(node.get("k")),
         _number(node.get("ejections")),
@@ -202,10 +260,23 @@ def _node_cells(node: dict, threshold: float | None, timeout: float | None) -> l
         _rate(node.get("requests_per_s")),
         _inflight_cell(node.get("inflight"), node.get("limit")),
         _shed_cell(node.get("shed")),
-        _number(node.get("ttfb_p50_ms"), digits=0),
-        _ttfb_p95_cell(node.get("ttfb_p95_ms"), timeout),
-        Sparkline(sparkline(node.get("ttfb_history_ms") or [], timeout)),
+        _ttfb_cell(node.get("ttfb_p50_ms"), node.get("ttfb_p95_ms"), timeout),
+        Sparkline(node.get("ttfb_history_ms") or [], timeout),
     ]
+
+
+class Shrinkable:
+    """A one-line text that accepts being cut (with an ellipsis) down to `minimum` cells."""
+
+    def __init__(self, text: Text, minimum: int) -> None:
+        self.text = text
+        self.minimum = minimum
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(min(self.minimum, len(self.text)), len(self.text))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.text
 
 
 def _state_cell(node: dict) -> Text:
@@ -241,10 +312,15 @@ def _shed_cell(shed: int | None) -> Text:
     return Text(str(shed), style="yellow")
 
 
-def _ttfb_p95_cell(p95: float | None, timeout: float | None) -> Text:
+def _ttfb_cell(p50: float | None, p95: float | None, timeout: float | None) -> Text:
+    """`180/420`; p95 coloured by how close it is to the first-byte timeout."""
+    text = Text(MISSING if p50 is None else f"{p50:.0f}", style="dim" if p50 is None else "")
+    text.append("/")
     if p95 is None:
-        return Text(MISSING, style="dim")
-    return Text(f"{p95:.0f}", style=_fraction_style(p95 / timeout) if timeout else "")
+        text.append(MISSING, style="dim")
+    else:
+        text.append(f"{p95:.0f}", style=_fraction_style(p95 / timeout) if timeout else "")
+    return text
 
 
 def _events(events: list[dict]) -> RenderableType:
@@ -301,30 +377,39 @@ class _Swap:
     owner: Any
     attr: str
     original: IO[str]
-    replacement: IO[str]
+    replacement: _ConsoleWriter
 
 
 class _ConsoleWriter(io.TextIOBase):
-    """A file that prints each complete line above the live panel (ANSI colours kept)."""
+    """A file that prints each complete line above the live panel (ANSI colours kept).
+
+    Unfinished lines are kept per thread: `print()` writes the text and the newline in two calls,
+    and another thread's line must not land in between.
+    """
 
     def __init__(self, panel: LivePanel, original: IO[str]) -> None:
         self._panel = panel
         self._original = original
-        self._partial = ""
+        self._partial: dict[int, str] = {}
         self._decoder = AnsiDecoder()
 
     def write(self, text: str) -> int:
+        thread = threading.get_ident()
         with self._panel._lock:
             if not self._panel.running:  # a late write through a reference taken before stop()
-                return self._original.write(self._partial + text)
-            *lines, self._partial = (self._partial + text).split("\n")
+                return self._original.write(self._partial.pop(thread, "") + text)
+            *lines, rest = (self._partial.pop(thread, "") + text).split("\n")
+            if rest:
+                self._partial[thread] = rest
             if lines:
                 self._panel._print_above(Text("\n").join(self._decoder.decode_line(line) for line in lines))
         return len(text)
 
     def flush_partial(self) -> None:
-        if self._partial:
-            self.write("\n")
+        with self._panel._lock:
+            lines, self._partial = list(self._partial.values()), {}
+            for line in lines:
+                self.write(line + "\n")
 
     def flush(self) -> None:
         pass
@@ -438,13 +523,33 @@ class LivePanel:
 
     def _render(self) -> RenderableType:
         try:
-            return build_panel(self.get_status())
+            panel = build_panel(self.get_status())
         except Exception as exc:  # the panel must never take the proxy down
-            return Panel(Text(f"status unavailable: {exc!r}", style="red"), title="llm-ha", border_style="red")
+            panel = Panel(Text(f"status unavailable: {exc!r}", style="red"), title="llm-ha", border_style="red")
+        return RightMargin(panel, TERMINAL_ECHO_ROOM)
 
     def _print_above(self, text: Text) -> None:
         assert self._live is not None
         self._live.console.print(text)
+
+
+TERMINAL_ECHO_ROOM = 2
+
+
+class RightMargin:
+    """Renders narrower than the terminal by `width` columns.
+
+    The cursor rests after the panel's last line. If that line filled the terminal, the "^C" the
+    terminal echoes on Ctrl-C would wrap onto a new line, scroll the screen, and the final redraw
+    would leave the panel's top line behind.
+    """
+
+    def __init__(self, renderable: RenderableType, width: int) -> None:
+        self.renderable = renderable
+        self.width = width
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from console.render(self.renderable, options.update_width(max(1, options.max_width - self.width)))
 
 
 def _isatty(stream: IO[str]) -> bool:
@@ -455,15 +560,17 @@ def _isatty(stream: IO[str]) -> bool:
 
 
 def _terminal_streams(stream: IO[str]) -> list[IO[str]]:
-    """The stream objects whose output lands on the panel's terminal."""
-    streams = [stream, sys.stdout, sys.__stdout__]
-    if _isatty(sys.stderr):
-        streams += [sys.stderr, sys.__stderr__]
-    unique: list[IO[str]] = []
-    for candidate in streams:
-        if candidate is not None and all(candidate is not seen for seen in unique):
-            unique.append(candidate)
-    return unique
+    """`stream`, and stderr too when it is the same terminal."""
+    if sys.stderr is not stream and _same_terminal(stream, sys.stderr):
+        return [stream, sys.stderr]
+    return [stream]
+
+
+def _same_terminal(a: IO[str], b: IO[str]) -> bool:
+    try:
+        return os.ttyname(a.fileno()) == os.ttyname(b.fileno())
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return False
 
 
 STREAM_ATTRS = ("stream", "file", "outfp")  # logging.StreamHandler, mitmproxy TermLogHandler, Dumper
@@ -539,11 +646,15 @@ def fetch_status(client: httpx.Client, url: str) -> dict:
 
 
 class Viewer:
-    """Polls `/status` and turns each answer, or failure, into a frame."""
+    """Polls `/status` and turns each answer, or failure, into a frame.
 
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
+    `retry_every` (seconds) is only shown to the user; None means a single poll.
+    """
+
+    def __init__(self, url: str, retry_every: float | None = None, timeout: float = 2.0) -> None:
         self.url = url
-        self.client = httpx.Client(timeout=timeout, trust_env=False)
+        self.retry_every = retry_every
+        self.client = httpx.Client(timeout=timeout, trust_env=False)  # never via $HTTP_PROXY
         self.down_since: float | None = None
         self.failures = 0
 
@@ -553,7 +664,8 @@ class Viewer:
         except StatusUnavailable as exc:
             self.down_since = self.down_since or time.time()
             self.failures += 1
-            return False, build_unreachable_panel(self.url, str(exc), self.down_since, self.failures)
+            frame = build_unreachable_panel(self.url, str(exc), self.down_since, self.failures, self.retry_every)
+            return False, frame
         self.down_since, self.failures = None, 0
         return True, build_panel(status, source=self.url)
 
@@ -562,7 +674,7 @@ class Viewer:
 
 
 def watch(viewer: Viewer, console: Console, interval: float) -> None:
-    """Poll forever; on a terminal redraw in place, otherwise print each frame."""
+    """Poll until interrupted; on a terminal redraw in place, otherwise print each frame."""
     if not console.is_terminal:
         while True:
             console.print(viewer.poll()[1])
@@ -579,16 +691,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default 0.5)")
     parser.add_argument("--once", action="store_true", help="print one frame; exit 1 if unreachable")
     args = parser.parse_args(argv)
-    viewer = Viewer(status_url(args.address), timeout=max(2.0, args.interval))
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
+    retry_every = None if args.once else args.interval
+    viewer = Viewer(status_url(args.address), retry_every, timeout=max(2.0, args.interval))
     console = Console()
     try:
         if args.once:
             reachable, frame = viewer.poll()
             console.print(frame)
             return 0 if reachable else 1
-        watch(viewer, console, args.interval)
+        watch(viewer, console, args.interval)  # returns only through Ctrl-C
     except KeyboardInterrupt:
-        return 0
+        pass
     finally:
         viewer.close()
     return 0

@@ -119,10 +119,8 @@ class _StatusCollector:
             for node in upstream["nodes"]:
                 values = [upstream["name"], node["url"]]
                 for key, family in gauges.items():
-                    value = node[key]
-                    if key == "ejected":
-                        value = 1 if node["state"] == "ejected" else 0
-                    elif key.endswith("_ms"):
+                    value = int(node["state"] == "ejected") if key == "ejected" else node[key]
+                    if key.endswith("_ms"):
                         value = None if value is None else value / 1000
                     if value is not None:
                         family.add_metric(values, value)
