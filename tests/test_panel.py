@@ -100,6 +100,9 @@ MINIMAL_STATUS = {  # exactly the fields INTERFACE.md promises, nothing else
 }
 PYTHON = sys.executable
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
+# pytest imports readline, which exports COLUMNS/LINES (80x24) to children; rich would obey them
+# instead of the real terminal size.
+CHILD_ENV = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
 
 
 def status(**changes) -> dict:
@@ -296,7 +299,7 @@ def closed_port() -> int:
 
 
 def run_viewer(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1"}
+    env = {**CHILD_ENV, "COLUMNS": "160", "NO_COLOR": "1"}
     return subprocess.run(
         [PYTHON, "-m", "llmha.panel", *args], capture_output=True, text=True, timeout=30, env=env
     )
@@ -336,7 +339,7 @@ class PtyProcess:
 
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=CHILD_ENV)
         os.close(slave)
         self.master = master
         self.output = ""
@@ -461,7 +464,7 @@ class Tmux:
 
     def _tmux(self, *args: str, cwd: Path | None = None) -> str:
         result = subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args],
-                                capture_output=True, text=True, timeout=10, cwd=cwd)
+                                capture_output=True, text=True, timeout=10, cwd=cwd, env=CHILD_ENV)
         assert result.returncode == 0, result.stderr
         return result.stdout
 

@@ -45,7 +45,7 @@ class Runtime:
         self.tracker = HealthTracker(profile.health_check, self.picker.all_nodes(), time.time())
         self.client = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=None,
                                                                              max_keepalive_connections=64))
-        self.gate = Gate(self.tracker, self.client, on_failover=self._on_failover)
+        self.gate = Gate(self.tracker, self.picker.limits, self.client, on_failover=self._on_failover)
         self.handoff = HandoffServer(self._on_stream_end)
         self._started: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
@@ -74,7 +74,7 @@ class Runtime:
 
     def status(self) -> dict:
         self.tick()  # events due by now are logged before the status shows their effect
-        return build_status(self.profile, self.tracker, self.events, time.time())
+        return build_status(self.profile, self.tracker, self.events, time.time(), self.picker.limits.status)
 
     def find_nodes(self, name: str) -> list[Node]:
         """Nodes named by URL, by upstream name, or as `upstream URL`."""
@@ -88,6 +88,8 @@ class Runtime:
     def tick(self) -> None:
         self.tracker.advance(time.time())
         for event in self.tracker.take_events():
+            if event.action == "uneject":
+                self.picker.limits.returned(Node(event.upstream, event.node), event.ts)
             self._log_health_event(event.to_dict())
             self.events.add(event.to_dict())
 

@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass
 
 from .health import HealthTracker, Node
+from .limits import LimitSettings, LimitTracker
 from .profile import Profile, Upstream
 
 
@@ -28,17 +29,34 @@ class CandidatePicker:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self._turns = {u.name: itertools.count() for u in profile.upstreams}
+        self.limits = LimitTracker({
+            Node(u.name, url): LimitSettings(u.max_inflight, u.adaptive, u.min_inflight, u.slow_start)
+            for u in profile.upstreams for url in u.nodes})
 
     def all_nodes(self) -> list[Node]:
         return [Node(u.name, url) for u in self.profile.upstreams for url in u.nodes]
 
     def candidates(self, tracker: HealthTracker, now: float) -> list[Candidate]:
-        chosen = [c for u in self.profile.upstreams for c in self._upstream_order(u, tracker, now)]
+        in_rotation = [c for u in self.profile.upstreams for c in self._upstream_order(u, tracker, now)]
+        chosen = self._within_limits(in_rotation, tracker, now) or in_rotation
         if not chosen:
             chosen = self._panic_order(tracker)
         if not self.profile.transparent_failover:
             chosen = chosen[:1]
         return chosen
+
+    def _within_limits(self, candidates: list[Candidate], tracker: HealthTracker, now: float) -> list[Candidate]:
+        """Drop nodes at their concurrency limit, counting the request as shed there.
+
+        If every node is at its limit, the caller keeps them all: queueing somewhere beats failing.
+        """
+        kept = []
+        for c in candidates:
+            if self.limits.has_room(c.node, tracker.monitors[c.node].inflight, now):
+                kept.append(c)
+            else:
+                self.limits.shed(c.node)
+        return kept
 
     def _upstream_order(self, upstream: Upstream, tracker: HealthTracker, now: float) -> list[Candidate]:
         nodes = [Node(upstream.name, url) for url in upstream.nodes]

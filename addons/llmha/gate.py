@@ -20,6 +20,7 @@ import httpx
 
 from .candidates import Candidate
 from .health import HealthTracker, Outcome
+from .limits import LimitTracker
 from .sse import error_in, event_data, split_events
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -109,9 +110,10 @@ FailoverListener = Callable[[Candidate, Candidate, AttemptRecord], None]
 
 
 class Gate:
-    def __init__(self, tracker: HealthTracker, client: httpx.AsyncClient,
+    def __init__(self, tracker: HealthTracker, limits: LimitTracker, client: httpx.AsyncClient,
                  clock: Callable[[], float] = time.time, on_failover: FailoverListener | None = None) -> None:
         self.tracker = tracker
+        self.limits = limits
         self.client = client
         self.clock = clock
         self.on_failover = on_failover
@@ -174,6 +176,7 @@ class Gate:
             record.duration_s = time.monotonic() - started
             self.tracker.attempt_ended(node)
         self.tracker.record(node, outcome, self.clock(), record.ttfb_s)
+        self.limits.observe(node, outcome, record.ttfb_s, limit, self.tracker.monitors[node].inflight)
         return record, outcome
 
     async def _open_stream(self, response: httpx.Response, candidate: Candidate, record: AttemptRecord,

@@ -49,6 +49,9 @@ class Upstream:
     first_byte_timeout: float = 0.2
     request_timeout: float = 600.0
     max_inflight: int | None = None
+    adaptive: bool = False
+    min_inflight: int = 1
+    slow_start: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 _TOP_KEYS = {"match", "first_byte_timeout", "request_timeout", "health_check", "upstreams", "transparent_failover"}
 _HEALTH_KEYS = {f for f in HealthCheck.__dataclass_fields__}
-_UPSTREAM_KEYS = {"name", "nodes", "api_key", "model", "first_byte_timeout", "request_timeout", "max_inflight"}
+_UPSTREAM_KEYS = {"name", "nodes", "api_key", "model", "first_byte_timeout", "request_timeout", "max_inflight",
+                  "adaptive", "min_inflight", "slow_start"}
 
 
 def parse_duration(value: Any) -> float:
@@ -198,8 +202,23 @@ class _Reader:
             model=self.text(section, "model", key),
             first_byte_timeout=self.duration(section, "first_byte_timeout", defaults["first_byte_timeout"], key + "."),
             request_timeout=self.duration(section, "request_timeout", defaults["request_timeout"], key + "."),
-            max_inflight=self.positive_int(section, "max_inflight", key),
+            **self.limits(section, key),
         )
+
+    def limits(self, section: dict, key: str) -> dict:
+        max_inflight = self.positive_int(section, "max_inflight", key)
+        min_inflight = self.positive_int(section, "min_inflight", key) or 1
+        adaptive = section.get("adaptive", False)
+        if not isinstance(adaptive, bool):
+            raise self.fail(f"{key}.adaptive", f"needs true or false, got {adaptive!r}")
+        slow_start = self.duration(section, "slow_start", 0.0, key + ".") if "slow_start" in section else 0.0
+        for name, wanted in (("adaptive", adaptive), ("slow_start", slow_start), ("min_inflight", "min_inflight" in section)):
+            if wanted and max_inflight is None:
+                raise self.fail(f"{key}.{name}", "needs max_inflight, the upper bound of the limit")
+        if max_inflight is not None and min_inflight > max_inflight:
+            raise self.fail(f"{key}.min_inflight", f"{min_inflight} is above max_inflight {max_inflight}")
+        return {"max_inflight": max_inflight, "min_inflight": min_inflight, "adaptive": adaptive,
+                "slow_start": slow_start}
 
     def nodes(self, section: dict, key: str, reverse_target: str | None) -> tuple[str, ...]:
         if "nodes" not in section:

@@ -70,7 +70,7 @@ def build_status(profile: Profile, tracker: HealthTracker, events: EventLog, now
 
 def _node_status(tracker: HealthTracker, node: Node, now: float, limits) -> dict:
     status = tracker.snapshot(node, now)
-    status.update(limits(node) if limits else {"limit": None, "shed": 0})
+    status.update(limits(node, now) if limits else {"limit": None, "shed": 0})
     return status
 
 

@@ -1,0 +1,122 @@
+"""The concurrency limiter with synthetic TTFB series and a fake clock."""
+
+import pytest
+
+from llmha.candidates import CandidatePicker
+from llmha.health import HealthTracker, Node, Outcome
+from llmha.limits import LimitSettings, NodeLimiter
+from llmha.profile import HealthCheck, Profile, Upstream
+
+ADAPTIVE = LimitSettings(max_inflight=64, adaptive=True, min_inflight=2)
+
+
+def feed(limiter: NodeLimiter, ttfbs, busy: bool = True) -> list[int]:
+    """Observe each TTFB with the node using its whole limit (busy) or almost nothing."""
+    seen = []
+    for ttfb in ttfbs:
+        inflight = limiter.limit(0) if busy else 0
+        limiter.observe(Outcome.OK, ttfb, 0.2, inflight)
+        seen.append(limiter.limit(0))
+    return seen
+
+
+def test_starts_at_the_minimum_and_grows_while_ttfb_stays_near_its_unloaded_minimum():
+    limiter = NodeLimiter(ADAPTIVE)
+    assert limiter.limit(0) == 2
+    limits = feed(limiter, [0.050, 0.051, 0.049, 0.052] * 10)
+    assert limits == sorted(limits) and limits[-1] == 64, limits
+
+
+def test_shrinks_when_ttfb_rises_and_never_below_the_minimum():
+    limiter = NodeLimiter(ADAPTIVE)
+    feed(limiter, [0.05] * 40)
+    assert limiter.limit(0) == 64
+    rising = feed(limiter, [0.05 * (1 + i / 5) for i in range(1, 60)])
+    assert rising[-1] < 10 and all(b <= a for a, b in zip(rising, rising[1:])), rising
+    feed(limiter, [1.0] * 200)
+    assert limiter.limit(0) == 2
+
+
+def test_small_limits_shrink_when_ttfb_doubles_and_grow_when_it_is_near_the_minimum():
+    limiter = NodeLimiter(LimitSettings(max_inflight=8, adaptive=True, min_inflight=1))
+    feed(limiter, [0.05] * 20)
+    assert limiter.limit(0) == 8
+    feed(limiter, [0.09] * 3)  # 1.8x: hold
+    assert limiter.limit(0) == 8
+    feed(limiter, [0.11] * 3)  # 2.2x: shrink
+    assert limiter.limit(0) == 5
+    feed(limiter, [0.06] * 3)  # 1.2x: grow again
+    assert limiter.limit(0) == 8
+
+
+def test_does_not_grow_when_the_node_is_not_using_its_limit():
+    limiter = NodeLimiter(ADAPTIVE)
+    feed(limiter, [0.05] * 50, busy=False)
+    assert limiter.limit(0) == 2
+
+
+def test_a_timeout_counts_as_a_sample_at_the_timeout_and_other_failures_shrink():
+    limiter = NodeLimiter(ADAPTIVE)
+    feed(limiter, [0.05] * 40)
+    limiter.observe(Outcome.TIMEOUT, None, 0.2, 64)  # queue = 64 * (1 - 0.05/0.2) = 48 > 6 log10(64)
+    assert limiter.limit(0) < 64
+    before = limiter.limit(0)
+    limiter.observe(Outcome.CONNECT_ERROR, None, 0.2, 1)
+    assert limiter.limit(0) < before
+
+
+def test_a_fixed_cap_does_not_move():
+    limiter = NodeLimiter(LimitSettings(max_inflight=4))
+    feed(limiter, [0.05, 5.0, 0.01])
+    assert limiter.limit(0) == 4
+
+
+def test_no_settings_means_no_limit():
+    assert NodeLimiter(LimitSettings()).limit(0) is None
+
+
+def test_slow_start_ramps_linearly_after_a_return():
+    limiter = NodeLimiter(LimitSettings(max_inflight=20, min_inflight=2, slow_start=30))
+    assert limiter.limit(100) == 20
+    limiter.returned(100)
+    assert [limiter.limit(100 + t) for t in (0, 7.5, 15, 22.5, 29.9, 30, 60)] == [2, 6, 11, 15, 19, 20, 20]
+
+
+def test_requests_over_the_cap_are_shed_to_the_next_candidate_and_counted():
+    profile = Profile(path="l.yaml", upstreams=(
+        Upstream("primary", ("http://127.0.0.1:1",), max_inflight=2),
+        Upstream("fallback", ("http://127.0.0.1:2",)),
+    ))
+    picker = CandidatePicker(profile)
+    tracker = HealthTracker(HealthCheck(), picker.all_nodes(), 0)
+    primary, fallback = picker.all_nodes()
+    firsts = []
+    for _ in range(4):
+        first = picker.candidates(tracker, 1)[0].node
+        tracker.attempt_started(first)
+        firsts.append(first)
+    assert firsts == [primary, primary, fallback, fallback]
+    assert picker.limits.status(primary, 1) == {"limit": 2, "shed": 2}
+    assert tracker.monitors[primary].failures == 0, "shedding is not a failure of the node"
+
+
+def test_when_every_node_is_at_its_limit_they_are_all_kept():
+    profile = Profile(path="l.yaml", upstreams=(Upstream("only", ("http://127.0.0.1:1",), max_inflight=1),))
+    picker = CandidatePicker(profile)
+    tracker = HealthTracker(HealthCheck(), picker.all_nodes(), 0)
+    tracker.attempt_started(picker.all_nodes()[0])
+    assert [c.node for c in picker.candidates(tracker, 1)] == picker.all_nodes()
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("adaptive: true", "upstreams[0].adaptive: needs max_inflight"),
+    ("slow_start: 30s", "upstreams[0].slow_start: needs max_inflight"),
+    ("max_inflight: 2\n    min_inflight: 3", "upstreams[0].min_inflight: 3 is above max_inflight 2"),
+    ("max_inflight: 0", "upstreams[0].max_inflight: needs a whole number >= 1"),
+])
+def test_limit_settings_are_validated(tmp_path, text, problem):
+    from llmha.profile import ProfileError, load_profile
+    path = tmp_path / "p.yaml"
+    path.write_text(f"upstreams:\n  - name: p\n    nodes: ['http://127.0.0.1:1']\n    {text}\n")
+    with pytest.raises(ProfileError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        load_profile(path, env={})
