@@ -1,6 +1,5 @@
 """Console commands and live option changes, driven through mitmproxy's own addon test harness."""
 
-import asyncio
 
 import pytest
 from mitmproxy import exceptions

@@ -286,3 +286,31 @@ def test_a_bad_profile_stops_mitmdump_with_one_line(proxies, text, expected):
     assert len(lines) == 1, output
     assert "profile-0.yaml: " in lines[0]
     assert "Traceback" not in output
+
+
+def test_regular_proxy_mode_the_match_selects_llm_flows(simulators, proxies):
+    primary = simulators("--no-physics")
+    primary.set_faults(status=500)
+    fallback = simulators("--preset", "fallback")
+    proxy = proxies(profile(primary.url, fallback.url))
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=10) as via_proxy:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        response = via_proxy.post(f"{primary.url}/v1/chat/completions", json=body)
+        assert response.headers["x-llm-ha-upstream"] == "fallback" and "data: " in response.text
+        other = via_proxy.get(f"{primary.url}/health")  # not an LLM flow: passes through as is
+        assert other.status_code == 500 and "x-llm-ha-upstream" not in other.headers
+
+
+def test_upstream_proxy_mode_attempts_go_through_the_upstream_proxy(simulators, proxies):
+    primary = simulators("--no-physics")
+    fallback = simulators("--preset", "fallback")
+    outer = proxies(None, status=False, options={"stream_large_bodies": "1", "flow_detail": 1})
+    proxy = proxies(profile(primary.url, fallback.url).replace("200ms", "2s"),
+                    args=["--mode", f"upstream:{outer.url}"])
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=10) as via_proxy:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        response = via_proxy.post(f"{primary.url}/v1/chat/completions", json=body)
+    assert response.headers["x-llm-ha-upstream"] == "primary" and "data: " in response.text
+    log = outer.stop()
+    assert f"POST {primary.url}/v1/chat/completions" in log, "llm-ha's attempt went through the upstream proxy"
+    assert "handoff" not in log, "the loopback hand-off never goes through the upstream proxy"

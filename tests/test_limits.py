@@ -3,7 +3,7 @@
 import pytest
 
 from llmha.candidates import CandidatePicker
-from llmha.health import HealthTracker, Node, Outcome
+from llmha.health import HealthTracker, Outcome
 from llmha.limits import LimitSettings, NodeLimiter
 from llmha.profile import HealthCheck, Profile, Upstream
 

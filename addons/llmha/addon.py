@@ -14,17 +14,19 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
-from mitmproxy import command, ctx, exceptions, flowfilter, http
+from mitmproxy import command, connection, ctx, exceptions, flowfilter, http
 from mitmproxy.proxy import mode_specs
+from mitmproxy.tools.dump import DumpMaster
 
 from .candidates import Candidate, CandidatePicker
 from .gate import AttemptRecord, Gate, GateResult, LlmRequest, describe_attempt, internal_error_answer
 from .handoff import HandoffServer, StreamEnd
 from .health import HealthTracker, Node, Outcome
+from .panel import LivePanel
 from .profile import Profile, ProfileError, load_profile
 from .status import EventLog, StatusServer, build_status, parse_listen_address, status_table
 
@@ -37,14 +39,15 @@ TICK_S = 0.25
 class Runtime:
     """Everything that lives as long as one loaded profile."""
 
-    def __init__(self, profile: Profile, events: EventLog) -> None:
+    def __init__(self, profile: Profile, events: EventLog, upstream_proxy: str | None = None) -> None:
         self.profile = profile
         self.filter = flowfilter.parse(profile.match)
         self.events = events
         self.picker = CandidatePicker(profile)
         self.tracker = HealthTracker(profile.health_check, self.picker.all_nodes(), time.time())
-        self.client = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=None,
-                                                                             max_keepalive_connections=64))
+        self.client = httpx.AsyncClient(trust_env=False, proxy=upstream_proxy,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self.after_tick: Callable[[], None] | None = None
         self.gate = Gate(self.tracker, self.picker.limits, self.client, on_failover=self._on_failover)
         self.handoff = HandoffServer(self._on_stream_end)
         self._started: asyncio.Task | None = None
@@ -73,7 +76,7 @@ class Runtime:
         return self.picker.candidates(self.tracker, time.time())
 
     def status(self) -> dict:
-        self.tick()  # events due by now are logged before the status shows their effect
+        self._drain_events()  # events due by now are logged before the status shows their effect
         return build_status(self.profile, self.tracker, self.events, time.time(), self.picker.limits.status)
 
     def find_nodes(self, name: str) -> list[Node]:
@@ -86,6 +89,11 @@ class Runtime:
         return found
 
     def tick(self) -> None:
+        self._drain_events()
+        if self.after_tick:
+            self.after_tick()
+
+    def _drain_events(self) -> None:
         self.tracker.advance(time.time())
         for event in self.tracker.take_events():
             if event.action == "uneject":
@@ -114,8 +122,8 @@ class Runtime:
     def _on_failover(self, failed: Candidate, following: Candidate, record: AttemptRecord) -> None:
         monitor = self.tracker.monitors[failed.node]
         self.events.add({"ts": time.time(), "action": "failover", "upstream": failed.upstream.name,
-                         "node": failed.node.url, "k": monitor.k, "duration_s": record.duration_s,
-                         "failure_rate": monitor.last_failure_rate, "reason": record.outcome,
+                         "node": failed.node.url, "k": monitor.k, "duration_s": None, "failure_rate": None,
+                         "reason": record.outcome, "attempt_s": record.duration_s,
                          "to_upstream": following.upstream.name, "to_node": following.node.url})
         logger.debug(f"llm-ha: {describe_attempt(record)}, trying {following.upstream.name} {following.node.url}")
 
@@ -140,6 +148,8 @@ class LlmHa:
         self.status_server: StatusServer | None = None
         self.redirects: dict[str, _Redirect] = {}
         self.stream_records: dict[str, AttemptRecord] = {}
+        self.panel: LivePanel | None = None
+        self._panel_status: dict = {}
         self._running = False
         self._said_inert = False
 
@@ -167,6 +177,8 @@ class LlmHa:
                 raise exceptions.OptionsError(str(e)) from None
         if self._running and "llm_ha_status" in updated:
             asyncio.ensure_future(self._restart_status_server())
+        if self._running and updated & {"llm_ha_panel", "llm_ha_profile"}:
+            self._update_panel()
 
     async def running(self) -> None:
         self._running = True
@@ -176,8 +188,12 @@ class LlmHa:
         else:
             self._say_inert()
         await self._restart_status_server()
+        self._update_panel()
 
     def done(self) -> None:
+        if self.panel:
+            self.panel.stop()
+            self.panel = None
         with contextlib.suppress(ValueError, exceptions.AddonManagerError):
             ctx.master.addons.remove(self.gate)
         self._replace_runtime(None)
@@ -195,10 +211,10 @@ class LlmHa:
                 self._say_inert()
             return
         try:
-            profile = load_profile(os.path.expanduser(path), reverse_target=_reverse_target(ctx.options.mode))
+            profile = load_profile(os.path.expanduser(path), reverse_target=_mode_url(ctx.options.mode, "reverse"))
             if self.runtime and self.runtime.profile == profile:
                 return  # unchanged (e.g. mitmproxy rolling back a refused change): keep the health state
-            runtime = Runtime(profile, self.events)
+            runtime = Runtime(profile, self.events, upstream_proxy=_mode_url(ctx.options.mode, "upstream"))
         except ProfileError as e:
             self._refuse(str(e))
             return
@@ -261,6 +277,34 @@ class LlmHa:
         if self.runtime is None:
             return {"now": time.time(), "profile": None, "upstreams": [], "failovers": 0, "events": []}
         return self.runtime.status()
+
+    # -- the live panel (mitmdump only: in the console UI the terminal is the UI's)
+
+    def _update_panel(self) -> None:
+        wanted = ctx.options.llm_ha_panel and self.runtime is not None
+        if not wanted:
+            if self.panel:
+                self.panel.stop()
+                self.panel = None
+            return
+        self.runtime.after_tick = self._refresh_panel_status
+        self._refresh_panel_status()
+        if self.panel:
+            return
+        if not isinstance(ctx.master, DumpMaster):
+            logger.info("llm-ha: the panel runs in mitmdump; beside the console use `python -m llmha.panel` "
+                        "with llm_ha_status set")
+            return
+        panel = LivePanel(lambda: self._panel_status)
+        if panel.start():
+            self.panel = panel
+        else:
+            logger.info("llm-ha: llm_ha_panel is on but stdout is not a terminal: no panel")
+
+    def _refresh_panel_status(self) -> None:
+        # The panel draws from its own thread: it reads this snapshot, taken on the event loop.
+        if self.panel is not None or ctx.options.llm_ha_panel:
+            self._panel_status = self.status()
 
     # -- flows: put the real request back once the handed-off stream answers
 
@@ -375,6 +419,8 @@ def _point_at_handoff(flow: http.HTTPFlow, port: int, path: str) -> None:
     hop.headers.pop("authorization", None)
     hop.content = b""
     flow.request = hop
+    # A connection of its own, never through an upstream proxy: the hand-off server is on this machine.
+    flow.server_conn = connection.Server(address=("127.0.0.1", port))
 
 
 def summarize(attempts: Sequence[dict]) -> str:
@@ -382,13 +428,15 @@ def summarize(attempts: Sequence[dict]) -> str:
     return " -> ".join(describe_attempt(a) for a in attempts) or "llm-ha: no attempt"
 
 
-def _reverse_target(modes: Sequence[str]) -> str | None:
+def _mode_url(modes: Sequence[str], kind: str) -> str | None:
+    """The reverse-proxy target (kind "reverse") or the upstream proxy (kind "upstream"), as a URL."""
+    wanted = {"reverse": mode_specs.ReverseMode, "upstream": mode_specs.UpstreamMode}[kind]
     for spec in modes:
         try:
             mode = mode_specs.ProxyMode.parse(spec)
         except ValueError:
             continue
-        if isinstance(mode, mode_specs.ReverseMode) and mode.scheme in ("http", "https"):
+        if isinstance(mode, wanted) and mode.scheme in ("http", "https"):
             host, port = mode.address
             return f"{mode.scheme}://{host}:{port}"
     return None

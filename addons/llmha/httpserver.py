@@ -39,7 +39,11 @@ class Request:
 
     @property
     def path(self) -> str:
-        return self.target.split("?", 1)[0]
+        """The path, also from an absolute-form target (`POST http://host/path`, as proxies send)."""
+        target = self.target
+        if target.startswith(("http://", "https://")):
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        return target.split("?", 1)[0]
 
 
 @dataclass
@@ -95,6 +99,22 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+async def _wait_closed(writers: list[asyncio.StreamWriter], timeout: float = 1.0) -> None:
+    """Wait until the sockets are really closed; reset those whose peer holds up a graceful close."""
+
+    async def closed(writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+    waits = {asyncio.ensure_future(closed(writer)): writer for writer in writers}
+    if not waits:
+        return
+    _, stalled = await asyncio.wait(waits, timeout=timeout)
+    for future in stalled:
+        _reset(waits[future])
+        future.cancel()
+
+
 class HttpServer:
     """Serves `handler` on host:port; port 0 picks a free one (see `.port`)."""
 
@@ -135,11 +155,10 @@ class HttpServer:
                 _reset(writer)
         for task, _ in connections:
             task.cancel()
-        for task, writer in connections:
+        for task, _ in connections:
             with contextlib.suppress(BaseException):
                 await task
-            with contextlib.suppress(BaseException):
-                await writer.wait_closed()
+        await _wait_closed([writer for _, writer in connections])
 
     async def stop_listening(self) -> None:
         """Refuse new connections and close the idle keep-alive ones; requests in progress finish.
@@ -151,9 +170,7 @@ class HttpServer:
         idle = [writer for task, writer in self._connections.items() if task not in self._busy]
         for writer in idle:
             writer.close()
-        for writer in idle:
-            with contextlib.suppress(BaseException):
-                await writer.wait_closed()
+        await _wait_closed(idle)
 
     def _close_listener(self) -> None:
         if self._server is not None:

@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -55,14 +55,7 @@ def build_panel(status: dict, *, source: str = "") -> RenderableType:
         _events(status.get("events") or []),
     )
     subtitle = " · ".join(part for part in (_clock(status.get("now")), source) if part)
-    return Panel(
-        body,
-        title="[bold]llm-ha[/bold]",
-        title_align="left",
-        subtitle=subtitle or None,
-        subtitle_align="right",
-        border_style="blue",
-    )
+    return _framed(body, subtitle, "blue")
 
 
 def build_unreachable_panel(
@@ -75,7 +68,18 @@ def build_unreachable_panel(
         Text.assemble(("last error: ", "dim"), error),
         Text(f"down since {_clock(down_since)}, {attempts_text}", style="dim"),
     )
-    return Panel(lines, title="[bold]llm-ha[/bold]", title_align="left", subtitle=url, subtitle_align="right", border_style="red")
+    return _framed(lines, url, "red")
+
+
+def _framed(body: RenderableType, subtitle: str, border_style: str) -> Panel:
+    return Panel(
+        body,
+        title="[bold]llm-ha[/bold]",
+        title_align="left",
+        subtitle=subtitle or None,
+        subtitle_align="right",
+        border_style=border_style,
+    )
 
 
 def sparkline(values: Sequence[float | None], ceiling: float | None) -> Text:
@@ -198,7 +202,9 @@ class NodeTable:
 
     def table(self, hidden: Iterable[str] = ()) -> Table:
         columns = [name for name in NODE_COLUMNS if name not in hidden]
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False, header_style="bold dim")
+        table = Table(
+            box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False, header_style="bold dim"
+        )
         for name in columns:
             table.add_column(name, **NODE_COLUMNS[name])
         for row in self.rows:
@@ -221,7 +227,8 @@ class NodeTable:
         columns = [name for name in NODE_COLUMNS if name not in hidden]
         total = COLUMN_GAP * (len(columns) - 1)
         for name in columns:
-            sizes = [Measurement.get(console, options, cell) for cell in (Text(name), *(row[name] for row in self.rows))]
+            cells = (Text(name), *(row[name] for row in self.rows))
+            sizes = [Measurement.get(console, options, cell) for cell in cells]
             whole = NODE_COLUMNS[name].get("no_wrap", False)
             total += max(size.maximum if whole else size.minimum for size in sizes)
         return total
@@ -337,10 +344,8 @@ def _fraction_style(fraction: float) -> str:
     return "yellow" if fraction >= 0.5 else "green"
 
 
-def _number(value: float | None, digits: int | None = None) -> Text:
-    if value is None:
-        return Text(MISSING, style="dim")
-    return Text(f"{value:.{digits}f}" if digits is not None else str(value))
+def _number(value: int | None) -> Text:
+    return Text(MISSING, style="dim") if value is None else Text(str(value))
 
 
 def _rate(value: float | None) -> Text:
@@ -414,6 +419,11 @@ class _ConsoleWriter(io.TextIOBase):
     def flush(self) -> None:
         pass
 
+    def __getattr__(self, name: str) -> Any:  # e.g. `.buffer`: such writes bypass the panel
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._original, name)
+
     def isatty(self) -> bool:
         return self._original.isatty()
 
@@ -441,7 +451,8 @@ class LivePanel:
     thread computes the cursor movement and the redraw under different locks, which lets a log line
     printed from another thread land inside the panel.
 
-    `get_status` runs on the panel's thread, at most `refresh_per_second` times per second.
+    `get_status` runs on the panel's thread, at most `refresh_per_second` times per second (plus
+    once in `start()` and once in `stop()`). `stream` is the terminal to draw on; default: sys.stdout.
     """
 
     def __init__(
@@ -465,16 +476,17 @@ class LivePanel:
         return self._live is not None
 
     def start(self) -> bool:
-        """Show the panel; False (and nothing shown) when stdout is not a terminal."""
+        """Show the panel; False (and nothing shown) when stdout is not a terminal (or a dumb one)."""
         if self.running:
             return True
         stream = self._stream or sys.stdout
-        if not _isatty(stream):
+        console = Console(file=stream, _environ=_without_size_overrides(os.environ))
+        if not _isatty(stream) or console.is_dumb_terminal:
             return False
-        console = Console(file=stream)
+        first_frame = self._render()
         with self._lock:
             self._live = Live(
-                self._render(),
+                first_frame,
                 console=console,
                 auto_refresh=False,
                 redirect_stdout=False,
@@ -496,11 +508,12 @@ class LivePanel:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        last_frame = self._render()  # outside the lock: get_status may log
         with self._lock:
             for swap in self._swaps:
                 swap.replacement.flush_partial()
             assert self._live is not None
-            self._live.update(self._render())
+            self._live.update(last_frame)
             self._live.stop()
             _restore_streams(self._swaps)
             self._swaps = []
@@ -514,18 +527,16 @@ class LivePanel:
                 self._live.update(renderable, refresh=True)
 
     def _run(self) -> None:
-        deadline = time.monotonic()
-        while True:
-            deadline = max(deadline + self.period, time.monotonic())
-            if self._stopping.wait(deadline - time.monotonic()):
-                return
+        last = time.monotonic()
+        while not self._stopping.wait(max(0.0, last + self.period - time.monotonic())):
+            last = time.monotonic()
             self.refresh()
 
     def _render(self) -> RenderableType:
         try:
             panel = build_panel(self.get_status())
         except Exception as exc:  # the panel must never take the proxy down
-            panel = Panel(Text(f"status unavailable: {exc!r}", style="red"), title="llm-ha", border_style="red")
+            panel = _framed(Text(f"status unavailable: {exc!r}", style="red"), "", "red")
         return RightMargin(panel, TERMINAL_ECHO_ROOM)
 
     def _print_above(self, text: Text) -> None:
@@ -550,6 +561,13 @@ class RightMargin:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from console.render(self.renderable, options.update_width(max(1, options.max_width - self.width)))
+
+
+def _without_size_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """rich prefers $COLUMNS/$LINES over the terminal's real size; a stale value (Python's readline
+    exports 80x24 to child processes) would make the panel wrap, and a wrapped live panel leaves
+    garbage behind on every redraw."""
+    return {key: value for key, value in environ.items() if key not in ("COLUMNS", "LINES")}
 
 
 def _isatty(stream: IO[str]) -> bool:
@@ -601,7 +619,10 @@ def _swap_streams(panel: LivePanel, streams: list[IO[str]]) -> list[_Swap]:
         if not any(current is stream for stream in streams):
             continue
         writer = writers.setdefault(id(current), _ConsoleWriter(panel, current))
-        setattr(owner, attr, writer)
+        try:
+            setattr(owner, attr, writer)
+        except AttributeError:  # a read-only property: leave it alone
+            continue
         swaps.append(_Swap(owner, attr, current, writer))
     return swaps
 
@@ -686,7 +707,9 @@ def watch(viewer: Viewer, console: Console, interval: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmha.panel", description="Live view of llm-ha's GET /status.")
+    parser = argparse.ArgumentParser(
+        prog="python -m llmha.panel", description="Live view of llm-ha's GET /status."
+    )
     parser.add_argument("address", help="the llm_ha_status address: HOST:PORT or http://HOST:PORT")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default 0.5)")
     parser.add_argument("--once", action="store_true", help="print one frame; exit 1 if unreachable")

@@ -147,12 +147,16 @@ def _attempt_from_plain_flow(flow: http.HTTPFlow) -> RecordedAttempt | None:
     )
 
 
+_CONNECT_ERROR_MARKERS = ("refused", "connect call failed", "cannot connect", "could not connect", "unreachable",
+                          "no route to host", "name or service not known", "nodename nor servname")
+
+
 def plain_outcome(flow: http.HTTPFlow) -> Outcome:
     """The outcome llm-ha would have given a flow recorded without it."""
     response, error = flow.response, flow.error
     if response is None:
         message = (error.msg if error else "").lower()
-        if "refused" in message or "connect" in message:
+        if any(marker in message for marker in _CONNECT_ERROR_MARKERS):
             return Outcome.CONNECT_ERROR
         if "timeout" in message or "timed out" in message:
             return Outcome.TIMEOUT
@@ -375,10 +379,9 @@ class _Evaluation:
 
     def __init__(self, attempts: Sequence[RecordedAttempt], profile: Profile) -> None:
         self.profile = profile
-        self.upstreams = {u.name: u for u in profile.upstreams}
         self.start = min(a.start for a in attempts)
         self.judged = [self._place(a) for a in sorted(attempts, key=lambda a: (a.start, a.request_id, a.index))]
-        self.order = _node_order(profile, [j.node for j in self.judged])
+        self.order, self.notes = _node_order(profile, [j.node for j in self.judged])
         self.tracker = HealthTracker(profile.health_check, self.order, self.start)
         self.tracker.monitors = {n: _HistoryMonitor(n, profile.health_check, self.start) for n in self.order}
         self.unobserved = 0
@@ -427,6 +430,7 @@ class _Evaluation:
         nodes = [self._node_report(n, events) for n in self.order]
         approximated = sum(1 for j in self.judged if j.attempt.ttfb_approximated)
         notes = [f"{approximated} {TTFB_APPROXIMATION_NOTE}"] if approximated else []
+        notes += self.notes
         if self.unobserved:
             notes.append(f"{self.unobserved} requests went straight to a fallback in the recording while this "
                          "profile had the primary in rotation: how the primary would have answered is unknown")
@@ -443,13 +447,9 @@ class _Evaluation:
             report.outcomes[j.verdict.outcome.value] += 1
             if j.verdict.cut_at is not None:
                 report.outcomes[Outcome.STREAM_CUT.value] += 1
-        report.ejections = [Ejection(e["ts"], e["ts"] + e["duration_s"], e["k"], e["failure_rate"])
-                            for e in events if e["action"] == "eject" and (e["upstream"], e["node"]) == node_key(node)]
+        report.ejections = [Ejection(e["ts"], e["ts"] + e["duration_s"], e["k"], e["failure_rate"]) for e in events
+                            if e["action"] == "eject" and (e["upstream"], e["node"]) == (node.upstream, node.url)]
         return report
-
-
-def node_key(node: Node) -> tuple[str, str]:
-    return node.upstream, node.url
 
 
 def _ttfb_for(j: JudgedAttempt, outcome: Outcome) -> float | None:
@@ -464,28 +464,30 @@ def _upstream_of(attempt: RecordedAttempt, profile: Profile) -> Upstream:
     return (both or by_url or by_name or [profile.upstreams[0]])[0]
 
 
-def _node_order(profile: Profile, seen: Iterable[Node]) -> list[Node]:
-    """The evaluation's nodes in candidate order (upstream by upstream).
+def _node_order(profile: Profile, seen: Iterable[Node]) -> tuple[list[Node], list[str]]:
+    """The evaluation's nodes in candidate order (upstream by upstream), and notes on stand-ins.
 
     An upstream's nodes are its profile nodes plus the recording's other nodes of it; but when none of
     its recorded nodes is in the profile (the URLs changed, e.g. another port), the recorded nodes stand
     in for the profile's, which would otherwise look like idle healthy nodes taking the moved requests.
     """
     seen = list(dict.fromkeys(seen))
-    order = []
+    order, notes = [], []
     for upstream in profile.upstreams:
         recorded = [n for n in seen if n.upstream == upstream.name]
         listed = [Node(upstream.name, url) for url in upstream.nodes]
         if recorded and not set(recorded) & set(listed):
+            notes.append(f"{upstream.name}: the recorded nodes {', '.join(n.url for n in recorded)} stand in for "
+                         f"the profile's {', '.join(upstream.nodes)}")
             listed = []
         order += listed + [n for n in recorded if n not in listed]
-    return order
+    return order, notes
 
 
 def evaluate(attempts: Sequence[RecordedAttempt], profile: Profile) -> Report:
     """What the profile's health check would have done with these recorded attempts. Pure: no I/O."""
     if not attempts:
-        nodes = [NodeReport(n) for n in _node_order(profile, [])]
+        nodes = [NodeReport(n) for n in _node_order(profile, [])[0]]
         return Report(profile, 0.0, 0.0, nodes, [], [], 0, 0, ["the recording holds no LLM attempt"])
     evaluation = _Evaluation(attempts, profile)
     evaluation.run()
@@ -586,14 +588,16 @@ def _plot_ttfb(ax, report: Report) -> None:
 
 
 def _plot_failure_rates(ax, report: Report) -> None:
+    """One short line per interval that had attempts: empty intervals show as gaps, not as 0 %."""
     for n in report.nodes:
         if n.intervals:
-            xs = [i.start - report.start for i in n.intervals]
-            ax.step(xs, [i.failure_rate for i in n.intervals], where="post", color=_colour(report, n.node.upstream),
-                    label=f"{n.node.upstream} {n.node.url}")
+            colour = _colour(report, n.node.upstream)
+            ax.hlines([i.failure_rate for i in n.intervals], [i.start - report.start for i in n.intervals],
+                      [i.end - report.start for i in n.intervals], colors=colour, linewidth=2.5,
+                      label=f"{n.node.upstream} {n.node.url}")
     ax.axhline(report.profile.health_check.failure_rate_threshold, color="tab:red", linestyle="--", linewidth=1,
                label="threshold")
-    ax.set_ylabel("failure rate %")
+    ax.set_ylabel("failure rate % per interval")
     ax.set_ylim(-5, 105)
     ax.legend(loc="upper left", fontsize=8)
 
