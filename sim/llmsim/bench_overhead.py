@@ -88,7 +88,8 @@ def proxy_for(upstream: str, fallback: str, with_addon: bool, panel: bool, confd
     options = {"flow_detail": 0, "termlog_verbosity": "warn"}
     if panel:
         options["llm_ha_panel"] = True
-    proxy = start_mitmdump(profile, reverse=upstream, status=with_addon, confdir=confdir, options=options)
+    proxy = start_mitmdump(profile, reverse=upstream, status=with_addon, confdir=confdir, options=options,
+                           terminal=panel)
     try:
         yield proxy
     finally:
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--panel", action="store_true", help="also run with the live panel on (needs a terminal)")
+    parser.add_argument("--panel", action="store_true",
+                        help="also run with the live panel on (mitmdump gets a pseudo-terminal)")
     args = parser.parse_args(argv)
     runs = run_all(args.requests, args.concurrency, args.max_tokens, args.panel)
     Console(width=160).print(report(runs, args.requests, args.concurrency))

@@ -7,12 +7,17 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import pty
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
+import termios
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -79,8 +84,11 @@ class MitmProcess:
 def start_mitmdump(profile: str | os.PathLike | None, reverse: str | None = None, *,
                    options: dict | None = None, args: list[str] = (), status: bool = True,
                    confdir: str | None = None, env: dict | None = None,
-                   wait: bool = True, log_path: str | None = None) -> MitmProcess:
-    """mitmdump with llm-ha on a free port of 127.0.0.1; `wait=False` for a start meant to fail."""
+                   wait: bool = True, log_path: str | None = None, terminal: bool = False) -> MitmProcess:
+    """mitmdump with llm-ha on a free port of 127.0.0.1; `wait=False` for a start meant to fail.
+
+    `terminal=True` gives it a pseudo-terminal as stdout (what the live panel needs), copied to the log.
+    """
     port = free_port()
     status_port = free_port() if status else None
     settings = {"listen_host": "127.0.0.1", "termlog_verbosity": "info"}
@@ -101,13 +109,34 @@ def start_mitmdump(profile: str | os.PathLike | None, reverse: str | None = None
         fd, log_path = tempfile.mkstemp(prefix="llm-ha-mitmdump-", suffix=".log")
         os.close(fd)
     log = open(log_path, "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env={**os.environ, **(env or {})}, cwd=REPO)
+    output = log
+    if terminal:
+        master, output = pty.openpty()
+        fcntl.ioctl(output, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        threading.Thread(target=_copy_terminal, args=(master, log_path), daemon=True).start()
+    child_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env=child_env, cwd=REPO)
     log.close()
+    if terminal:
+        os.close(output)
     proxy = MitmProcess(process, port, status_port, log_path)
     if wait:
         _wait_until_up(proxy)
     return proxy
+
+
+def _copy_terminal(master: int, log_path: str) -> None:
+    with open(log_path, "ab") as log:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            log.write(data)
+    os.close(master)
 
 
 def _wait_until_up(proxy: MitmProcess) -> None:
