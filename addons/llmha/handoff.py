@@ -52,7 +52,7 @@ class HandoffServer:
         self.claim_timeout = claim_timeout
         self._pending: dict[str, _Pending] = {}
         self._server = HttpServer(self._serve)
-        self._pumps: set[asyncio.Task] = set()
+        self._expiries: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self._server.start()
@@ -69,8 +69,7 @@ class HandoffServer:
     def register(self, stream: OpenStream, extra_headers: list[tuple[str, str]]) -> str:
         """Park an open stream; returns the path under which mitmproxy fetches it once."""
         token = secrets.token_urlsafe(18)
-        expiry = asyncio.get_running_loop().call_later(
-            self.claim_timeout, lambda: asyncio.ensure_future(self._expire(token)))
+        expiry = asyncio.get_running_loop().call_later(self.claim_timeout, self._spawn_expiry, token)
         self._pending[token] = _Pending(stream, extra_headers, expiry)
         return PATH_PREFIX + token
 
@@ -78,9 +77,12 @@ class HandoffServer:
         """The flow died before fetching its stream: close it now."""
         token = path.removeprefix(PATH_PREFIX)
         if token in self._pending:
-            task = asyncio.ensure_future(self._expire(token))
-            self._pumps.add(task)
-            task.add_done_callback(self._pumps.discard)
+            self._spawn_expiry(token)
+
+    def _spawn_expiry(self, token: str) -> None:
+        task = asyncio.ensure_future(self._expire(token))
+        self._expiries.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._expiries.discard)
 
     @property
     def pending(self) -> int:

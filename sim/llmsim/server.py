@@ -39,7 +39,8 @@ of those; at 2 requests/s time to first token is ~50 ms, under a 12 requests/s s
 35 within seconds and the server crashes, unless a proxy sheds the load first.
 
 Preset `fallback`: a cloud provider (default model `qwen-plus`): 50 ms to the first token, 10 ms per
-token, a batch of 10,000, no memory limit: it never queues and never crashes. `--no-physics`: an
+token, a batch of 10,000, no memory limit, and requests admitted together prefill side by side (many
+GPUs), so it never queues and never crashes. `--no-physics`: an
 ideal server, every token at once, no limits.
 
 `--time-scale F` multiplies every duration, the physics, the restart time and the durations of the
@@ -107,6 +108,7 @@ class Physics:
     request_memory_mb: float = 140.0
     kv_per_token_kb: float = 56.0
     restart_time: float = 180.0
+    parallel_prefill: bool = False  # many GPUs (a cloud provider): admitted requests prefill side by side
 
     def step_time(self, batch: int) -> float:
         return self.token_time * (1 + self.batch_alpha * (batch - 1))
@@ -122,7 +124,7 @@ PRIMARY = Physics()
 FALLBACK = Physics(
     max_batch=10_000, token_time=0.01, batch_alpha=0.0, prefill_time=0.05, prefill_per_token=0.0,
     memory_limit_mb=math.inf, base_memory_mb=0.0, request_memory_mb=0.0, kv_per_token_kb=0.0,
-    restart_time=0.0,
+    restart_time=0.0, parallel_prefill=True,
 )
 IDEAL = replace(FALLBACK, token_time=0.0, prefill_time=0.0)
 PRESETS = {
@@ -293,7 +295,9 @@ class Engine:
         """Prefill stalls the whole batch; it yields each new sequence's first token."""
         if not admitted:
             return
-        await self.clock.sleep(sum(self.physics.prefill(s.prompt_tokens) for s in admitted) * self.slowdown())
+        costs = [self.physics.prefill(s.prompt_tokens) for s in admitted]
+        total = max(costs) if self.physics.parallel_prefill else sum(costs)
+        await self.clock.sleep(total * self.slowdown())
         for seq in admitted:
             if seq.state == "running":  # not cancelled or cut meanwhile
                 self._emit(seq)
@@ -825,7 +829,7 @@ def build(args: argparse.Namespace) -> Simulator:
     model, physics = PRESETS[args.preset]
     if args.no_physics:
         physics = IDEAL
-    overrides = {f.name: getattr(args, f.name) for f in fields(Physics) if getattr(args, f.name) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in fields(Physics) if getattr(args, f.name, None) is not None}
     physics = replace(physics, **overrides)
     faults = Faults().updated({
         "error_rate": args.error_rate, "status": args.status, "in_band_error": args.in_band_error,
