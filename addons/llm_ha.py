@@ -8,5 +8,6 @@ sys.path); see README.md.
 """
 
 from llmha.addon import LlmHa
+from llmha.replay import ReplayEvaluator
 
-addons = [LlmHa()]
+addons = [LlmHa(), ReplayEvaluator()]

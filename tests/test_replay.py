@@ -30,7 +30,7 @@ from llmsim.testing import free_port
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE = DATA / "sample-recording.flows"
-REPLAY_SCRIPT = DATA / "replay_addons.py"
+REPLAY_SCRIPT = ADDON  # addons/llm_ha.py: llm-ha and its replay evaluator
 RUN_TIMEOUT = 40
 
 

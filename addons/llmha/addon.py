@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
-from mitmproxy import command, connection, ctx, exceptions, flowfilter, http
-from mitmproxy.proxy import mode_specs
+from mitmproxy import command, connection, contentviews, ctx, exceptions, flowfilter, http
 from mitmproxy.tools.dump import DumpMaster
 
 from .candidates import Candidate, CandidatePicker
+from .contentview import llm_stream_view, remove_view
 from .gate import AttemptRecord, Gate, GateResult, LlmRequest, describe_attempt, internal_error_answer
 from .handoff import HandoffServer, StreamEnd
 from .health import HealthTracker, Node, Outcome
+from .modes import mode_url
 from .panel import LivePanel
 from .profile import Profile, ProfileError, load_profile
 from .status import EventLog, StatusServer, build_status, parse_listen_address, status_table
@@ -161,6 +162,7 @@ class LlmHa:
         loader.add_option("llm_ha_panel", bool, False, "llm-ha: show the live panel in mitmdump.")
         loader.add_option("llm_ha_events", str, "", "llm-ha: path of a JSON-lines event log.")
         ctx.master.addons.add(self.gate)
+        contentviews.add(llm_stream_view)
 
     def configure(self, updated: set[str]) -> None:
         if "llm_ha_events" in updated:
@@ -191,6 +193,7 @@ class LlmHa:
         self._update_panel()
 
     def done(self) -> None:
+        remove_view()
         if self.panel:
             self.panel.stop()
             self.panel = None
@@ -211,10 +214,10 @@ class LlmHa:
                 self._say_inert()
             return
         try:
-            profile = load_profile(os.path.expanduser(path), reverse_target=_mode_url(ctx.options.mode, "reverse"))
+            profile = load_profile(os.path.expanduser(path), reverse_target=mode_url(ctx.options.mode, "reverse"))
             if self.runtime and self.runtime.profile == profile:
                 return  # unchanged (e.g. mitmproxy rolling back a refused change): keep the health state
-            runtime = Runtime(profile, self.events, upstream_proxy=_mode_url(ctx.options.mode, "upstream"))
+            runtime = Runtime(profile, self.events, upstream_proxy=mode_url(ctx.options.mode, "upstream"))
         except ProfileError as e:
             self._refuse(str(e))
             return
@@ -426,17 +429,3 @@ def _point_at_handoff(flow: http.HTTPFlow, port: int, path: str) -> None:
 def summarize(attempts: Sequence[dict]) -> str:
     """`primary timeout 200ms -> fallback ok 83ms`."""
     return " -> ".join(describe_attempt(a) for a in attempts) or "llm-ha: no attempt"
-
-
-def _mode_url(modes: Sequence[str], kind: str) -> str | None:
-    """The reverse-proxy target (kind "reverse") or the upstream proxy (kind "upstream"), as a URL."""
-    wanted = {"reverse": mode_specs.ReverseMode, "upstream": mode_specs.UpstreamMode}[kind]
-    for spec in modes:
-        try:
-            mode = mode_specs.ProxyMode.parse(spec)
-        except ValueError:
-            continue
-        if isinstance(mode, wanted) and mode.scheme in ("http", "https"):
-            host, port = mode.address
-            return f"{mode.scheme}://{host}:{port}"
-    return None

@@ -21,6 +21,9 @@ How an attempt is judged (the same rules as the live gate):
   When every node is ejected, requests still try them (panic routing, as live): nothing is moved then.
 - A request the live proxy sent straight to a fallback (it had ejected the primary) has no primary
   attempt to judge; if the evaluation had the primary in rotation then, it is counted as unobserved.
+- Recorded nodes belong to the profile's upstream with that URL, else to the one with the recorded
+  upstream name, else (plain recordings) to the primary. When none of an upstream's recorded nodes is
+  in the profile (the URLs changed), the recorded nodes stand in for the profile's (the report says so).
 
 Sources of attempts:
 - flows recorded through llm-ha (`-w` with the addon): every attempt in `flow.metadata["llm_ha"]`;
@@ -28,7 +31,8 @@ Sources of attempts:
   `match`; the node is the flow's server (scheme://host:port); outcome from the status code, an SSE
   error event, or flow.error. mitmproxy keeps no per-chunk times, so for a plain streamed flow the TTFB
   is approximated by the time to the response headers (request start to response start). Servers that
-  send their headers before the first token (vLLM does) look faster than they were.
+  send their headers before the first token (Starlette/FastAPI ones such as vLLM) look faster than they
+  were; record through llm-ha to get real first-token times.
 
 Entry points: `ReplayEvaluator` (an addon: `mitmdump -nr traffic.flows -s addons/llm_ha.py
 --set llm_ha_profile=... --set llm_ha_replay_report=out.json`) and `python -m llmha.replay`.
@@ -50,9 +54,10 @@ from pathlib import Path
 from mitmproxy import ctx, flowfilter, http
 from mitmproxy import io as flow_io
 from mitmproxy.exceptions import FlowReadException
-from mitmproxy.proxy import mode_specs
+
 
 from .health import HealthEvent, HealthTracker, Node, NodeMonitor, Outcome
+from .modes import mode_url
 from .profile import HealthCheck, Profile, ProfileError, Upstream, load_profile
 from .sse import error_in, iter_data
 
@@ -682,7 +687,7 @@ class ReplayEvaluator:
         path = ctx.options.llm_ha_profile
         if not path:
             raise ReplayError("llm_ha_replay_report needs llm_ha_profile: the profile to evaluate the recording with")
-        return load_profile(Path(path).expanduser(), reverse_target=reverse_target(ctx.options.mode))
+        return load_profile(Path(path).expanduser(), reverse_target=mode_url(ctx.options.mode, "reverse"))
 
     def done(self) -> None:
         out = ctx.options.llm_ha_replay_report
@@ -699,19 +704,6 @@ class ReplayEvaluator:
             logger.warning(problem)
         written = out if problems else f"{out} and {png}"
         logger.warning(f"llm-ha replay: {self.flows} flows, {report.requests} requests evaluated; wrote {written}")
-
-
-def reverse_target(modes: Sequence[str]) -> str | None:
-    """The reverse-proxy target (scheme://host:port) among mitmproxy's modes, if any."""
-    for spec in modes:
-        try:
-            mode = mode_specs.ProxyMode.parse(spec)
-        except ValueError:
-            continue
-        if isinstance(mode, mode_specs.ReverseMode) and mode.scheme in ("http", "https"):
-            host, port = mode.address
-            return f"{mode.scheme}://{host}:{port}"
-    return None
 
 
 # -- entry point (b): python -m llmha.replay
