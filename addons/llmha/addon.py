@@ -32,6 +32,7 @@ from .profile import Profile, ProfileError, load_profile
 from .status import EventLog, StatusServer, build_status, parse_listen_address, status_table
 
 logger = logging.getLogger("llm_ha")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream attempt drowns mitmproxy's log
 
 META_KEY = "llm_ha"
 TICK_S = 0.25
