@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from llmsim.testing import poll_until
 
 # pytest imports readline, which leaves COLUMNS/LINES in the environment children inherit: a stale
 # size makes a live panel wrap. Children started by tests get the real terminal's size instead.
@@ -33,14 +34,7 @@ class Tmux:
         return self._tmux("capture-pane", "-p", *(["-S", "-"] if history else []))
 
     def wait_for(self, predicate: Callable[[str], bool], timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            screen = self.screen()
-            if predicate(screen):
-                return screen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"screen not as expected after {timeout}s:\n{screen}")
-            time.sleep(0.1)
+        return poll_until(self.screen, predicate, timeout, 0.1, "the screen")
 
     def send_keys(self, *keys: str) -> None:
         self._tmux("send-keys", *keys)

@@ -152,7 +152,7 @@ class Gate:
                 record.status = response.status_code
                 if not request.stream:
                     record.ttfb_s = time.monotonic() - started
-                outcome = _status_outcome(response.status_code)
+                outcome = status_outcome(response.status_code)
                 if outcome.failed:
                     raise _AttemptFailed(outcome)
                 if request.stream and response.status_code < 300:
@@ -204,7 +204,8 @@ class Gate:
         return False
 
 
-def _status_outcome(status: int) -> Outcome:
+def status_outcome(status: int) -> Outcome:
+    """How llm-ha judges an HTTP status: 5xx and 429 fail the attempt; other 4xx are the client's."""
     if status == 429:
         return Outcome.RATE_LIMITED
     if status >= 500:

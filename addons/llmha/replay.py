@@ -56,6 +56,7 @@ from mitmproxy import io as flow_io
 from mitmproxy.exceptions import FlowReadException
 
 
+from .gate import status_outcome
 from .health import HealthEvent, HealthTracker, Node, NodeMonitor, Outcome
 from .modes import mode_url
 from .profile import HealthCheck, Profile, ProfileError, Upstream, load_profile
@@ -166,13 +167,9 @@ def plain_outcome(flow: http.HTTPFlow) -> Outcome:
         if "timeout" in message or "timed out" in message:
             return Outcome.TIMEOUT
         return Outcome.RESET
-    status = response.status_code
-    if status == 429:
-        return Outcome.RATE_LIMITED
-    if status >= 500:
-        return Outcome.HTTP_ERROR
-    if status >= 400:
-        return Outcome.CLIENT_ERROR
+    outcome = status_outcome(response.status_code)
+    if outcome is not Outcome.OK:
+        return outcome
     if _first_event_is_error(response):
         return Outcome.IN_BAND_ERROR
     return Outcome.STREAM_CUT if error else Outcome.OK

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .testing import free_port
+from .testing import free_port, poll_until
 
 REPO = Path(__file__).resolve().parents[2]
 ADDON = REPO / "addons" / "llm_ha.py"
@@ -58,14 +58,7 @@ class MitmProcess:
 
     def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.05) -> dict:
         """Poll /status until `predicate(status)` holds; the last status, or AssertionError."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if predicate(status):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting on the proxy's status: {json.dumps(status)[:2000]}")
-            time.sleep(interval)
+        return poll_until(self.status, predicate, timeout, interval, "the proxy's status")
 
     def output(self) -> str:
         return Path(self.log_path).read_text(errors="replace")

@@ -30,6 +30,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def poll_until(fetch: Callable[[], Any], predicate: Callable[[Any], bool], timeout: float, interval: float,
+               what: str) -> Any:
+    """Call `fetch` until `predicate(result)` holds; AssertionError naming `what` and the last result if not in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not as expected after {timeout} s:\n{value}")
+        time.sleep(interval)
+
+
 class SimulatorError(RuntimeError):
     pass
 
@@ -76,14 +89,7 @@ class SimProcess:
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 10.0, interval: float = 0.05) -> dict:
         """Poll the stats until `predicate(stats)` holds; AssertionError with the last stats if not in time."""
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.stats()
-            if predicate(stats):
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"simulator stats did not reach the condition in {timeout} s: {stats}")
-            time.sleep(interval)
+        return poll_until(self.stats, predicate, timeout, interval, "simulator stats")
 
     def _control(self, method: str, path: str, body: Any = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
