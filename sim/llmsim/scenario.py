@@ -23,7 +23,14 @@ profile written for the run has `first_byte_timeout = 200 ms * s`, `interval = 1
 `base_ejection_time = 30 s * s` and so on, so that every ratio of the document holds. What cannot
 be scaled is the proxy's own cost per request and per streamed token: at small `s` the same work is
 squeezed into less wall time, and on a small machine the proxy's event-loop lag then eats into the
-(scaled) first-byte timeout. `DEFAULT_SCALE` is chosen for that.
+(scaled) first-byte timeout. `DEFAULT_SCALE` is 1 for that reason. Measured on the 2-core development
+machine (shared with other work): mitmdump with llm-ha spends about 20 ms of CPU per streamed 64-token
+answer and the openai-based load generator about as much, so the spike's 14 requests/s take about
+two thirds of a core and keep the proxy's added TTFT at tens of ms; at 28 requests/s (time scale 0.5, or
+the spike twice as large at scale 1) the proxy's event loop lagged by 100-500 ms, attempts to a primary
+that had answered in time were counted as timeouts, and at scale 0.5 the 100 ms first-byte timeout
+ejected the primary even under the limits. At scale 1 the demo takes about 90 s; a faster machine can
+use e.g. `--scale 0.5`.
 """
 
 from __future__ import annotations
@@ -33,19 +40,16 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .loadgen import Phase, Record, percentile, run_load, write_records
 from .proxy import ADDON, REPO, MitmProcess, _wait_until_up, mitmdump_command, start_mitmdump
-from .server import FALLBACK as FALLBACK_PHYSICS
 from .server import PRESETS
 from .server import PRIMARY as PRIMARY_PHYSICS
 from .testing import SimProcess, free_port, start_simulator
@@ -95,9 +99,9 @@ class SpikeLoad:
 
     steady_rate: float = 2.0
     spike_rate: float = 14.0
-    before_s: float = 20.0
+    before_s: float = 15.0
     spike_s: float = 20.0
-    after_s: float = 50.0
+    after_s: float = 45.0
     max_tokens: int = 64
 
     @property
@@ -126,18 +130,24 @@ class Variant:
 
     name: str  # short, for --only and file names
     title: str
+    label: str = ""  # shorter, for the table; default: the title
     proxy: bool = True  # False: clients straight to the primary
     transparent_failover: bool = True
     limits: bool = False
+    adaptive: bool = True  # with limits: the adaptive limit (else a fixed cap of max_inflight)
     spike_factor: float = 1.0  # multiplies the spike's rate
 
 
 VARIANTS = {v.name: v for v in (
-    Variant("none", "no protection", proxy=False),
-    Variant("no-failover", "llm-ha, transparent failover off (the document's)", transparent_failover=False),
-    Variant("llm-ha", "llm-ha as built (transparent failover, ejection)"),
-    Variant("limits", "llm-ha + limits", limits=True),
-    Variant("limits-2x", "llm-ha + limits, spike twice as large", limits=True, spike_factor=2.0),
+    Variant("none", "no protection", "no protection", proxy=False),
+    Variant("no-failover", "llm-ha, transparent failover off (the document's)", "llm-ha, failover off",
+            transparent_failover=False),
+    Variant("llm-ha", "llm-ha as built (transparent failover, ejection)", "llm-ha"),
+    Variant("limits", "llm-ha + limits (adaptive)", "llm-ha + limits", limits=True),
+    Variant("limits-2x", "llm-ha + limits (adaptive), spike twice as large", "llm-ha + limits, 2x spike",
+            limits=True, spike_factor=2.0),
+    Variant("fixed-cap", "llm-ha + a fixed cap of 16 in flight (not adaptive)", "llm-ha + fixed cap 16",
+            limits=True, adaptive=False),
 )}
 
 
@@ -186,10 +196,11 @@ def profile_text(variant: Variant, scale: float, fallback_url: str, reference: R
 
     limits = ""
     if variant.limits:
-        limits = (f"    max_inflight: {r.max_inflight}        # the primary's batch size\n"
-                  f"    adaptive: true          # learned from the time to first byte\n"
-                  f"    min_inflight: {r.min_inflight}\n"
-                  f"    slow_start: {d(r.slow_start):<14}# {r.slow_start:g} s x {s:g}, after a return from ejection\n")
+        limits = f"    max_inflight: {r.max_inflight}        # the primary's batch size\n"
+        if variant.adaptive:
+            limits += (f"    adaptive: true          # learned from the time to first byte\n"
+                       f"    min_inflight: {r.min_inflight}\n")
+        limits += f"    slow_start: {d(r.slow_start):<14}# {r.slow_start:g} s x {s:g}, after a return from ejection\n"
     return (
         f"# demo-spike: the traffic-spike scenario's profile ({variant.title}), written by llmsim.scenario.\n"
         f"#\n"
@@ -325,6 +336,7 @@ def summarize_run(result: RunResult, capacity: float | None = None) -> dict:
     summary = {
         "variant": result.variant.name,
         "title": result.variant.title,
+        "label": result.variant.label or result.variant.title,
         "scale": result.scale,
         "seed": result.seed,
         "requests": total,
@@ -392,7 +404,7 @@ def run_scenario(variant: Variant, *, scale: float = DEFAULT_SCALE, seed: int = 
             profile = folder / "profile.yaml"
             profile.write_text(profile_text(variant, scale, fallback.url))
             mitm_log = folder / "mitmdump.log"
-            options = {"llm_ha_events": str(events_path), "flow_detail": 0, "termlog_verbosity": "info"}
+            options = {"llm_ha_events": str(events_path), "flow_detail": 0, "termlog_verbosity": "warn"}
             if panel:
                 options["llm_ha_panel"] = True
             proxy = stack.enter_context(_start_proxy(profile, primary.url, options, terminal, confdir, mitm_log))
