@@ -314,3 +314,23 @@ def test_upstream_proxy_mode_attempts_go_through_the_upstream_proxy(simulators, 
     log = outer.stop()
     assert f"POST {primary.url}/v1/chat/completions" in log, "llm-ha's attempt went through the upstream proxy"
     assert "handoff" not in log, "the loopback hand-off never goes through the upstream proxy"
+
+
+def test_a_script_reload_lets_streams_in_flight_finish(simulators, proxies, tmp_path):
+    import shutil as _shutil
+    from llmsim.proxy import ADDON
+    primary = simulators()  # physics: ~25 ms a token
+    fallback = simulators("--preset", "fallback")
+    script = tmp_path / "llm_ha.py"
+    _shutil.copy(ADDON, script)
+    script.write_text(f"import sys; sys.path.insert(0, {str(ADDON.parent)!r})\n" + script.read_text())
+    proxy = proxies(profile(primary.url, fallback.url), script=script)
+    body = {"model": "m", "stream": True, "max_tokens": 120, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=20) as response:
+        chunks = response.iter_bytes()
+        first = next(chunks)
+        script.write_text(script.read_text() + "\n# touched\n")  # mitmproxy reloads it within a second
+        rest = b"".join(chunks)
+    text = (first + rest).decode()
+    assert text.count("data: ") >= 120 and "[DONE]" in text
+    assert "Loading script" in proxy.output() and proxy.output().count("Loading script") >= 2

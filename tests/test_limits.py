@@ -20,33 +20,41 @@ def feed(limiter: NodeLimiter, ttfbs, busy: bool = True) -> list[int]:
     return seen
 
 
-def test_starts_at_the_minimum_and_grows_while_ttfb_stays_near_its_unloaded_minimum():
+def test_starts_at_the_minimum_and_grows_while_ttfb_stays_under_the_target():
     limiter = NodeLimiter(ADAPTIVE)
     assert limiter.limit(0) == 2
-    limits = feed(limiter, [0.050, 0.051, 0.049, 0.052] * 10)
+    limits = feed(limiter, [0.050, 0.051, 0.049, 0.052] * 30)
     assert limits == sorted(limits) and limits[-1] == 64, limits
+    assert limits[30] >= 16, "reaches a 7B server's batch size within a few dozen answers"
 
 
-def test_shrinks_when_ttfb_rises_and_never_below_the_minimum():
+def test_a_full_batch_at_two_and_a_half_times_the_minimum_is_not_shrunk():
+    limiter = NodeLimiter(LimitSettings(max_inflight=16, adaptive=True, min_inflight=2))
+    feed(limiter, [0.04] * 60)
+    assert limiter.limit(0) == 16
+    feed(limiter, [0.095] * 50)  # target = max(2 x 0.04, 0.2 / 2) = 0.1
+    assert limiter.limit(0) == 16
+
+
+def test_shrinks_when_ttfb_passes_the_target_and_never_below_the_minimum():
     limiter = NodeLimiter(ADAPTIVE)
-    feed(limiter, [0.05] * 40)
+    feed(limiter, [0.05] * 120)
     assert limiter.limit(0) == 64
     rising = feed(limiter, [0.05 * (1 + i / 5) for i in range(1, 60)])
-    assert rising[-1] < 10 and all(b <= a for a, b in zip(rising, rising[1:])), rising
+    assert rising[-1] < 16 and all(b <= a for a, b in zip(rising, rising[1:])), rising
     feed(limiter, [1.0] * 200)
     assert limiter.limit(0) == 2
 
 
-def test_small_limits_shrink_when_ttfb_doubles_and_grow_when_it_is_near_the_minimum():
-    limiter = NodeLimiter(LimitSettings(max_inflight=8, adaptive=True, min_inflight=1))
-    feed(limiter, [0.05] * 20)
-    assert limiter.limit(0) == 8
-    feed(limiter, [0.09] * 3)  # 1.8x: hold
-    assert limiter.limit(0) == 8
-    feed(limiter, [0.11] * 3)  # 2.2x: shrink
-    assert limiter.limit(0) == 5
-    feed(limiter, [0.06] * 3)  # 1.2x: grow again
-    assert limiter.limit(0) == 8
+def test_settles_where_ttfb_meets_the_target_and_grows_back_below_it():
+    limiter = NodeLimiter(LimitSettings(max_inflight=32, adaptive=True, min_inflight=1))
+    feed(limiter, [0.05] * 80)
+    assert limiter.limit(0) == 32
+    feed(limiter, [0.16] * 40)  # above the 0.1 target
+    shrunk = limiter.limit(0)
+    assert shrunk < 16
+    feed(limiter, [0.06] * 80)
+    assert limiter.limit(0) == 32
 
 
 def test_does_not_grow_when_the_node_is_not_using_its_limit():
@@ -55,11 +63,22 @@ def test_does_not_grow_when_the_node_is_not_using_its_limit():
     assert limiter.limit(0) == 2
 
 
+def test_only_streamed_first_tokens_are_latency_samples():
+    limiter = NodeLimiter(ADAPTIVE)
+    limiter.observe(Outcome.OK, 0.002, 0.2, 2, streamed=False)  # a GET /v1/models, a whole JSON answer
+    assert limiter.ttfb_min is None
+    feed(limiter, [0.05] * 120)
+    assert limiter.limit(0) == 64
+
+
 def test_a_timeout_counts_as_a_sample_at_the_timeout_and_other_failures_shrink():
     limiter = NodeLimiter(ADAPTIVE)
-    feed(limiter, [0.05] * 40)
-    limiter.observe(Outcome.TIMEOUT, None, 0.2, 64)  # queue = 64 * (1 - 0.05/0.2) = 48 > 6 log10(64)
-    assert limiter.limit(0) < 64
+    feed(limiter, [0.05] * 120)
+    limiter.observe(Outcome.TIMEOUT, None, 0.2, 64)
+    assert limiter.limit(0) == 64, "one timeout among fast answers: the smoothed TTFB stays under target"
+    for _ in range(4):
+        limiter.observe(Outcome.TIMEOUT, None, 0.2, 64)
+    assert limiter.smoothed > 0.1 and limiter.limit(0) < 64
     before = limiter.limit(0)
     limiter.observe(Outcome.CONNECT_ERROR, None, 0.2, 1)
     assert limiter.limit(0) < before

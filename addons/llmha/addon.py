@@ -35,6 +35,7 @@ logger = logging.getLogger("llm_ha")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream attempt drowns mitmproxy's log
 
 META_KEY = "llm_ha"
+_retiring: set[asyncio.Task] = set()  # module-level: outlives the addon object on script reload
 TICK_S = 0.25
 
 
@@ -67,6 +68,11 @@ class Runtime:
     async def _start(self) -> None:
         await self.handoff.start()
         self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def retire(self) -> None:
+        """Replaced (profile change, script reload): let the streams in flight finish, then stop."""
+        await self.handoff.drain(max(u.request_timeout for u in self.profile.upstreams))
+        await self.stop()
 
     async def stop(self) -> None:
         if self._ticker:
@@ -143,13 +149,16 @@ class _Redirect:
 
 
 class LlmHa:
+    # Flows handed off but not yet answered. Class-level: a script reload makes a new LlmHa (this module
+    # stays imported), and the new one must still put back the real request of streams in flight.
+    redirects: dict[str, _Redirect] = {}
+    stream_records: dict[str, AttemptRecord] = {}
+
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
         self.events = EventLog()
         self.gate = FlowGate(self)
         self.status_server: StatusServer | None = None
-        self.redirects: dict[str, _Redirect] = {}
-        self.stream_records: dict[str, AttemptRecord] = {}
         self.panel: LivePanel | None = None
         self._panel_status: dict = {}
         self._running = False
@@ -241,7 +250,9 @@ class LlmHa:
     def _replace_runtime(self, runtime: Runtime | None) -> None:
         old, self.runtime = self.runtime, runtime
         if old and old.started:
-            asyncio.ensure_future(old.stop())
+            task = asyncio.ensure_future(old.retire())
+            _retiring.add(task)  # asyncio keeps only weak references to tasks
+            task.add_done_callback(_retiring.discard)
 
     def _say_inert(self) -> None:
         if not self._said_inert:

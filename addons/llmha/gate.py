@@ -176,7 +176,8 @@ class Gate:
             record.duration_s = time.monotonic() - started
             self.tracker.attempt_ended(node)
         self.tracker.record(node, outcome, self.clock(), record.ttfb_s)
-        self.limits.observe(node, outcome, record.ttfb_s, limit, self.tracker.monitors[node].inflight)
+        self.limits.observe(node, outcome, record.ttfb_s, upstream.first_byte_timeout,
+                            self.tracker.monitors[node].inflight, streamed=request.stream)
         return record, outcome
 
     async def _open_stream(self, response: httpx.Response, candidate: Candidate, record: AttemptRecord,

@@ -53,6 +53,7 @@ class HandoffServer:
         self._pending: dict[str, _Pending] = {}
         self._server = HttpServer(self._serve)
         self._expiries: set[asyncio.Task] = set()
+        self.active = 0  # streams being pumped to mitmproxy
 
     async def start(self) -> None:
         await self._server.start()
@@ -65,6 +66,12 @@ class HandoffServer:
         await self._server.stop()
         for token in list(self._pending):
             await self._expire(token)
+
+    async def drain(self, limit: float) -> None:
+        """Wait (at most `limit` seconds) until no stream is parked or being pumped."""
+        deadline = asyncio.get_running_loop().time() + limit
+        while (self.active or self._pending) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
 
     def register(self, stream: OpenStream, extra_headers: list[tuple[str, str]]) -> str:
         """Park an open stream; returns the path under which mitmproxy fetches it once."""
@@ -104,6 +111,13 @@ class HandoffServer:
                                     [("content-type", "application/json")])
             return
         pending.expiry.cancel()
+        self.active += 1
+        try:
+            await self._deliver(pending, responder)
+        finally:
+            self.active -= 1
+
+    async def _deliver(self, pending: _Pending, responder: Responder) -> None:
         stream = pending.stream
         await responder.start(stream.status, [*stream.headers, *pending.extra_headers])
         pump = asyncio.create_task(self._pump(stream, responder))

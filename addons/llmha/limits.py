@@ -4,27 +4,26 @@ Ejection reacts after failures; a limit keeps a node from being overloaded at al
 would take a node past its limit goes to the next candidate at once (it is "shed": counted, but not a
 failure of the node), so the primary never queues more work than it can start promptly.
 
-The adaptive limit is TCP Vegas as Netflix's concurrency-limits library applies it to servers
-(`VegasLimit`, https://github.com/Netflix/concurrency-limits), with time to first byte as the round
-trip: for an LLM server, TTFB above its unloaded minimum is time spent queueing for a batch slot.
-Per sample, with `ttfb_min` the lowest TTFB seen (re-learned every `probe_every` samples, so a
-permanently slower model is not punished forever):
+The adaptive limit is a gradient limiter in the family of Netflix's concurrency-limits `Gradient2`
+and Envoy's adaptive-concurrency filter (https://github.com/Netflix/concurrency-limits,
+https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_filters/adaptive_concurrency_filter),
+with the time to first token of streamed answers as the latency signal. For an LLM server TTFB is
+queueing for a batch slot plus the decode step in progress plus prefill, so even a full batch with
+nobody queued shows 2-3x the unloaded minimum; the limiter therefore aims at a target that also
+respects the first-byte timeout:
 
-    queue = limit * (1 - ttfb_min / ttfb)           # requests estimated to be waiting
-    queue <= threshold  -> limit += 3 * log10(limit)   (grow fast while nothing queues)
-    queue <  alpha      -> limit += log10(limit)
-    queue >  beta       -> limit -= log10(limit)
+    target   = max(tolerance * ttfb_min, first_byte_timeout / 2)     (tolerance = 2)
+    smoothed = 0.8 * smoothed + 0.2 * ttfb                            (per sample)
+    gradient = clamp(target / smoothed, 0.5, 1.0)
+    limit    = 0.8 * limit + 0.2 * (limit * gradient + headroom)     (clamped to [min, max])
 
-with Vegas's threshold, alpha, beta = log10(limit), 3 log10(limit), 6 log10(limit) (log10 here at
-least 1). One GPU serves a handful of sequences at once, and at such small limits those thresholds
-would never let the limit shrink (6 queued out of 5 cannot happen), so each is capped at a share of
-the limit: 1/8, 1/4 and 1/2. In TTFB terms, at any small limit: shrink when TTFB is above twice its
-minimum, grow when below 4/3 of it.
-
-The result is clamped to [min_inflight, max_inflight]. Samples taken while fewer than half the limit
-were in flight do not grow it: an idle node proves nothing about its capacity. A timed-out attempt
-counts as a sample at the timeout, a failure that never measured a TTFB as a sign of overload
-(limit shrinks by its log10). The limit starts at `min_inflight`, as TCP does.
+with headroom = sqrt(limit) under the target (gradient 1), else 0: while TTFB stays under the target
+the limit grows by sqrt(limit)/5 per sample; above it, it shrinks by up to a tenth per sample. Only streamed first tokens are samples (a non-streamed answer's
+first byte comes when it is complete, and a fast `GET /v1/models` would make the minimum meaningless);
+a timeout counts as a sample at the timeout, and other failures halve the gradient. Samples taken
+while fewer than half the limit were in flight do not grow it: an idle node proves nothing about its
+capacity. The limit starts at `min_inflight`, as TCP does; `ttfb_min` is re-learned every
+`probe_every` samples, so a permanently slower model is not punished forever.
 
 Slow start: for `slow_start` seconds after a node returns from ejection its limit ramps linearly
 from `min_inflight` up to its learned (or fixed) limit, so it is not flattened by a thundering herd.
@@ -45,11 +44,8 @@ class LimitSettings:
     min_inflight: int = 1
     slow_start: float = 0.0  # seconds
     probe_every: int = 1000
-
-
-
-def _log10(limit: float) -> float:
-    return max(1.0, math.log10(max(limit, 1.0)))
+    tolerance: float = 2.0
+    smoothing: float = 0.2
 
 
 class NodeLimiter:
@@ -57,6 +53,7 @@ class NodeLimiter:
         self.settings = settings
         self.learned = float(settings.min_inflight if settings.adaptive else settings.max_inflight or 0)
         self.ttfb_min: float | None = None
+        self.smoothed: float | None = None
         self.samples = 0
         self.returned_at: float | None = None
         self.shed = 0
@@ -76,33 +73,34 @@ class NodeLimiter:
     def returned(self, at: float) -> None:
         self.returned_at = at
 
-    def observe(self, outcome: Outcome, ttfb: float | None, timeout: float | None, inflight: int) -> None:
+    def observe(self, outcome: Outcome, ttfb: float | None, timeout: float | None, inflight: int,
+                streamed: bool = True) -> None:
+        """One finished attempt; `timeout` is its first-byte limit (the latency the target respects)."""
         if not self.settings.adaptive:
             return
-        if ttfb is None and outcome is Outcome.TIMEOUT:
+        if outcome is Outcome.TIMEOUT:
             ttfb = timeout
-        if ttfb is None:
-            if outcome.failed:
-                self._set(self.learned - _log10(self.learned))
+        elif outcome.failed:
+            self._update(0.5)
+            return
+        if ttfb is None or not streamed or timeout is None:
             return
         self.samples += 1
         if self.ttfb_min is None or ttfb < self.ttfb_min or self.samples % self.settings.probe_every == 0:
             self.ttfb_min = ttfb
-        self._vegas(ttfb, inflight)
-
-    def _vegas(self, ttfb: float, inflight: int) -> None:
-        limit = self.learned
-        queue = limit * (1 - self.ttfb_min / ttfb) if ttfb > 0 else 0.0
-        step = _log10(limit)
-        threshold, alpha, beta = min(step, limit / 8), min(3 * step, limit / 4), min(6 * step, limit / 2)
-        if queue > beta:
-            self._set(limit - step)
-        elif inflight * 2 < limit:
+        s = self.settings.smoothing
+        self.smoothed = ttfb if self.smoothed is None else (1 - s) * self.smoothed + s * ttfb
+        target = max(self.settings.tolerance * self.ttfb_min, timeout / 2)
+        gradient = min(1.0, max(0.5, target / self.smoothed))
+        if gradient >= 1.0 and inflight * 2 < self.learned:
             return  # not using half its limit: no evidence it could take more
-        elif queue <= threshold:
-            self._set(limit + 3 * step)
-        elif queue < alpha:
-            self._set(limit + step)
+        self._update(gradient)
+
+    def _update(self, gradient: float) -> None:
+        limit = self.learned
+        headroom = math.sqrt(limit) if gradient >= 1.0 else 0.0  # grow only when under target
+        s = self.settings.smoothing
+        self._set((1 - s) * limit + s * (limit * gradient + headroom))
 
     def _set(self, value: float) -> None:
         s = self.settings
@@ -124,8 +122,8 @@ class LimitTracker:
         self.limiters[node].shed += 1
 
     def observe(self, node: Node, outcome: Outcome, ttfb: float | None, timeout: float | None,
-                inflight: int) -> None:
-        self.limiters[node].observe(outcome, ttfb, timeout, inflight)
+                inflight: int, streamed: bool = True) -> None:
+        self.limiters[node].observe(outcome, ttfb, timeout, inflight, streamed)
 
     def returned(self, node: Node, at: float) -> None:
         self.limiters[node].returned(at)

@@ -153,7 +153,7 @@ def _event_words(event: dict) -> Iterable[str]:
         yield f"at {_percent(event['failure_rate'])}"
     for key, value in event.items():
         if key not in EVENT_FIELDS_SHOWN_SPECIALLY and isinstance(value, str | int | float | bool):
-            yield f"{key}={value}"
+            yield f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
 
 
 def _header(profile: dict) -> Text:

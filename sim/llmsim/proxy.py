@@ -77,7 +77,8 @@ class MitmProcess:
 def start_mitmdump(profile: str | os.PathLike | None, reverse: str | None = None, *,
                    options: dict | None = None, args: list[str] = (), status: bool = True,
                    confdir: str | None = None, env: dict | None = None,
-                   wait: bool = True, log_path: str | None = None, terminal: bool = False) -> MitmProcess:
+                   wait: bool = True, log_path: str | None = None, terminal: bool = False,
+                   script: str | os.PathLike = ADDON) -> MitmProcess:
     """mitmdump with llm-ha on a free port of 127.0.0.1; `wait=False` for a start meant to fail.
 
     `terminal=True` gives it a pseudo-terminal as stdout (what the live panel needs), copied to the log.
@@ -92,7 +93,7 @@ def start_mitmdump(profile: str | os.PathLike | None, reverse: str | None = None
     if confdir:
         settings["confdir"] = confdir
     settings.update(options or {})
-    command = [*mitmdump_command(), "-p", str(port), "-s", str(ADDON)]
+    command = [*mitmdump_command(), "-p", str(port), "-s", str(script)]
     if reverse:
         command += ["--mode", f"reverse:{reverse}"]
     for key, value in settings.items():
