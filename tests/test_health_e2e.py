@@ -153,6 +153,7 @@ def test_metrics_are_prometheus_text_prefixed_llm_ha(simulators, proxies):
     assert samples[("llm_ha_node_ejections_total", "primary")] == 1
     assert samples[("llm_ha_node_failures_total", "primary")] == 1
     assert samples[("llm_ha_failovers_total", None)] == 1
+    assert 0 <= samples[("llm_ha_event_loop_lag_seconds", None)] < 1
     assert httpx.get(f"{proxy.status_url}/nope", timeout=5).status_code == 404
 
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class Runtime:
         self.handoff = HandoffServer(self._on_stream_end)
         self._started: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
+        self.loop_lags: deque[float] = deque(maxlen=20)
 
     @property
     def started(self) -> bool:
@@ -85,7 +87,9 @@ class Runtime:
 
     def status(self) -> dict:
         self._drain_events()  # events due by now are logged before the status shows their effect
-        return build_status(self.profile, self.tracker, self.events, time.time(), self.picker.limits.status)
+        status = build_status(self.profile, self.tracker, self.events, time.time(), self.picker.limits.status)
+        status["proxy"] = {"loop_lag_ms": round(max(self.loop_lags, default=0.0) * 1000, 1)}
+        return status
 
     def find_nodes(self, name: str) -> list[Node]:
         """Nodes named by URL, by upstream name, or as `upstream URL`."""
@@ -110,8 +114,12 @@ class Runtime:
             self.events.add(event.to_dict())
 
     async def _tick_forever(self) -> None:
+        period = min(TICK_S, self.profile.health_check.interval / 2)
         while True:
-            await asyncio.sleep(min(TICK_S, self.profile.health_check.interval / 2))
+            before = time.monotonic()
+            await asyncio.sleep(period)
+            # How late the loop woke us: time every first byte also waited, blamed on no upstream.
+            self.loop_lags.append(time.monotonic() - before - period)
             try:
                 self.tick()
             except Exception:  # never let bookkeeping kill the ticker

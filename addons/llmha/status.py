@@ -128,6 +128,10 @@ class _StatusCollector:
                     family.add_metric(values, node.get(key) or 0)
         failovers = CounterMetricFamily("llm_ha_failovers", "Attempts that failed and passed the request on")
         failovers.add_metric([], status["failovers"])
+        lag = GaugeMetricFamily("llm_ha_event_loop_lag_seconds",
+                                "Worst lateness of mitmproxy's event loop over the last health ticks")
+        lag.add_metric([], status.get("proxy", {}).get("loop_lag_ms", 0.0) / 1000)
+        yield lag
         yield from gauges.values()
         yield from counters.values()
         yield failovers
