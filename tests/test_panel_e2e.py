@@ -39,12 +39,18 @@ upstreams:
         body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10)
         assert response.headers["x-llm-ha-upstream"] == "fallback"
-        tmux.wait_for(lambda s: f"ejected primary {primary.url}" in s and "ejected " in s.split("╭")[-1])
-        screen = tmux.screen(history=False)
-        panel_row = [line for line in screen.splitlines() if primary.url in line and "ejected " in line
-                     and "llm-ha:" not in line and "eject primary" not in line][-1]
-        cells = panel_row.split("ejected", 1)[1].split()
-        assert cells[0].endswith("s") and cells[1:3] == ["1", "1"], f"countdown, k=1, 1 ejection: {panel_row}"
+
+        def complete_row(screen: str) -> list[str] | None:
+            """The cells after "ejected" in the primary's panel row, once a redraw has finished it."""
+            for line in reversed(screen.splitlines()):
+                if primary.url in line and "ejected " in line and "llm-ha:" not in line and "eject primary" not in line:
+                    cells = line.split("ejected", 1)[1].split()
+                    return cells if len(cells) >= 4 else None
+            return None
+
+        screen = tmux.wait_for(lambda s: f"ejected primary {primary.url}" in s and complete_row(s) is not None)
+        cells = complete_row(screen)
+        assert cells[0].endswith("s") and cells[1:3] == ["1", "1"], f"countdown, k=1, 1 ejection: {cells}"
         log_line = next(i for i, line in enumerate(screen.splitlines()) if f"ejected primary {primary.url}" in line)
         panel_top = next(i for i, line in enumerate(screen.splitlines()) if "llm-ha" in line and "╭" in line)
         assert log_line < panel_top, "log lines scroll above the panel"
