@@ -85,7 +85,7 @@ def proxy_for(upstream: str, fallback: str, with_addon: bool, panel: bool, confd
     if with_addon:
         profile = Path(confdir) / "bench-profile.yaml"
         profile.write_text(PROFILE.format(fallback=fallback))
-    options = {"flow_detail": 0, "termlog_verbosity": "warn"}
+    options = {"flow_detail": 0, "termlog_verbosity": "warn", "stream_large_bodies": "1"}  # stream, as llm-ha does
     if panel:
         options["llm_ha_panel"] = True
     proxy = start_mitmdump(profile, reverse=upstream, status=with_addon, confdir=confdir, options=options,

@@ -1,15 +1,19 @@
 """The gateways llm-ha is measured against, started and stopped for real on 127.0.0.1.
 
-    ref = Reference()                      # the source document's values (50 %, 1 s, 30 s, 200 ms)
-    with start_peer("nginx", primary.url, fallback.url, ref, workdir) as peer:
+    settings = Settings.of(REFERENCE, scale=1.0)  # the document's values: 50 %, 1 s, 30 s, 200 ms
+    with start_peer("nginx", primary.url, fallback.url, settings, workdir) as peer:
         ...  # peer.url (the client uses peer.url + "/v1"), peer.cpu_seconds(), peer.peak_rss_kib()
 
 Peers (`PEERS`):
 
-* `llm-ha`: mitmdump with the addon and the reference profile (`start_mitmdump`).
+* `llm-ha`: mitmdump with the addon and the reference profile (`start_mitmdump`), the profile of
+  bench-spike's "llm-ha" variant (`scenario.profile_text`); `llm-ha-limits`: the same plus the
+  concurrency limits (bench-spike's "limits" variant).
 * `mitmdump`: mitmdump without the addon, a reverse proxy to the primary only: mitmproxy's own cost.
 * `nginx`: Debian's nginx as a child process (`nginx -p DIR -c nginx.conf -g 'daemon off;'`, its own
-  process group, pid, logs and temp files in DIR), an `upstream` with the fallback as `backup`.
+  process group, pid, logs and temp files in DIR), an `upstream` with the fallback as `backup`, and
+  the first-byte timeout as proxy_read_timeout (200 ms); `nginx-1s`: the same with
+  proxy_read_timeout 1s, because below ~300 ms nginx's read timeout cuts every stream (see below).
 * `litellm`: the LiteLLM proxy (`litellm[proxy]`, pinned to `LITELLM_VERSION`) from its own virtual
   environment, `.venv-litellm` beside the project's `.venv` (created on first use by
   `ensure_litellm`; the project's `.venv` is never touched), with a router config.
@@ -34,19 +38,37 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .proxy import REPO, start_mitmdump
+from .scenario import REFERENCE, VARIANTS, Reference, profile_text
 from .testing import free_port
 
-PEERS = ("llm-ha", "mitmdump", "nginx", "litellm")
+PEERS = ("llm-ha", "llm-ha-limits", "mitmdump", "nginx", "nginx-1s", "litellm")
+TITLES = {
+    "direct": "direct (no gateway)",
+    "llm-ha": "llm-ha (reference profile)",
+    "llm-ha-limits": "llm-ha + limits",
+    "mitmdump": "mitmdump, no addon",
+    "nginx": "nginx (read timeout 200 ms)",
+    "nginx-1s": "nginx (read timeout 1 s)",
+    "litellm": "LiteLLM proxy",
+}
+# nginx-1s: nginx cannot bound only the first byte; proxy_read_timeout bounds every read, and nginx does
+# not re-arm a timer whose new deadline is within 300 ms of the old one (NGX_TIMER_LAZY_DELAY), so
+# below ~300 ms it becomes a deadline for the whole response: 200 ms cuts every stream longer than that.
+# 1 s is a value a user would pick instead: above the longest gap between two chunks of a busy primary
+# (a batch's prefill, ~0.4 s) plus those 300 ms.
+NGINX_PRACTICAL_READ_TIMEOUT = 1.0
 
-# 1.82.6 is the last LiteLLM release built by its own CI before the PyPI account takeover of March
-# 2026 (1.82.7 and 1.82.8 carried a credential stealer and were withdrawn). Pinned: never "latest".
+# 1.82.6 is the last LiteLLM release before the PyPI account takeover of March 2026 (1.82.7 and 1.82.8
+# carried a credential stealer and were withdrawn). Pinned, never "latest"; `_check_litellm_install`
+# also refuses a venv holding the stealer's .pth start-up hook.
 LITELLM_VERSION = "1.82.6"
 LITELLM_REQUIREMENT = f"litellm[proxy]=={LITELLM_VERSION}"
 LITELLM_VENV = Path(os.environ.get("LLM_HA_LITELLM_VENV", REPO / ".venv-litellm"))
@@ -55,6 +77,15 @@ STARTUP_TIMEOUT = 120.0
 PRIMARY_MODEL = "DeepSeek-R1-Distill-Qwen-7B"  # the model name clients ask for (loadgen.DEFAULT_MODEL)
 FALLBACK_GROUP = "fallback"
 
+LITELLM_LOGGING = {  # uvicorn's logging config for LiteLLM: warnings only, no access log
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+                "uvicorn.error": {"level": "WARNING"},
+                "uvicorn.access": {"handlers": ["stderr"], "level": "WARNING", "propagate": False}},
+}
+
 _LIVE: set[Peer] = set()
 
 
@@ -62,55 +93,49 @@ class PeerUnavailable(RuntimeError):
     """The peer cannot be installed or started here; the message says why and what would fix it."""
 
 
-# -- the reference profile
+# -- the reference profile, as each peer takes it
+
+# The fixed failure count that stands in for "failure rate >= 50 % in a 1 s interval" in nginx
+# (max_fails) and LiteLLM (allowed_fails + 1): with min_requests 1, a single failed attempt alone in
+# its interval ejects a node in llm-ha, so 1 is the closest count (and the most eager one).
+FAILURES_TO_EJECT = 1
+
 
 @dataclass(frozen=True)
-class Reference:
-    """The source document's health-check settings (seconds), as every peer is configured from them."""
+class Settings:
+    """The reference settings in wall seconds at one time scale (`scenario.Reference` times `scale`)."""
 
-    first_byte_timeout: float = 0.2
-    fallback_first_byte_timeout: float = 5.0
-    request_timeout: float = 600.0
-    failure_rate_threshold: float = 50.0
-    interval: float = 1.0
-    base_ejection_time: float = 30.0
-    max_ejection_time: float = 300.0
-    min_requests: int = 1
-    # The fixed failure count that stands in for "failure rate >= 50 % in an interval" in nginx
-    # (max_fails) and LiteLLM (allowed_fails + 1). With min_requests 1 a single failed attempt alone in
-    # its interval ejects a node in llm-ha, so 1 is the closest count (and the most eager one).
-    failures_to_eject: int = 1
+    first_byte_timeout: float
+    fallback_first_byte_timeout: float
+    request_timeout: float
+    interval: float
+    base_ejection_time: float
+    max_ejection_time: float
+    failure_rate_threshold: float
+    scale: float
 
-    def scaled(self, factor: float) -> Reference:
-        """Every duration times `factor` (the simulator's --time-scale); counts and rates unchanged."""
-        return replace(self, **{name: getattr(self, name) * factor for name in (
-            "first_byte_timeout", "fallback_first_byte_timeout", "request_timeout", "interval",
-            "base_ejection_time", "max_ejection_time")})
-
-
-def llm_ha_profile(ref: Reference, fallback_url: str) -> str:
-    """The llm-ha profile: the primary is the reverse-proxy target, one fallback."""
-    return f"""\
-# written by llmsim.peers: the reference profile, durations in seconds
-match: "~u /v1/"
-first_byte_timeout: {ref.first_byte_timeout:g}
-request_timeout: {ref.request_timeout:g}
-health_check:
-  failure_rate_threshold: {ref.failure_rate_threshold:g}
-  interval: {ref.interval:g}
-  base_ejection_time: {ref.base_ejection_time:g}
-  max_ejection_time: {ref.max_ejection_time:g}
-  min_requests: {ref.min_requests}
-upstreams:
-  - name: primary
-  - name: fallback
-    nodes: ["{fallback_url}"]
-    first_byte_timeout: {ref.fallback_first_byte_timeout:g}
-"""
+    @classmethod
+    def of(cls, ref: Reference = REFERENCE, scale: float = 1.0) -> Settings:
+        return cls(first_byte_timeout=ref.first_byte_timeout * scale,
+                   fallback_first_byte_timeout=ref.fallback_first_byte_timeout * scale,
+                   request_timeout=ref.request_timeout * scale, interval=ref.interval * scale,
+                   base_ejection_time=ref.base_ejection_time * scale,
+                   max_ejection_time=ref.max_ejection_time * scale,
+                   failure_rate_threshold=ref.failure_rate_threshold, scale=scale)
 
 
-def nginx_conf(ref: Reference, primary_url: str, fallback_url: str, port: int) -> str:
-    """nginx.conf for `nginx -p DIR`: everything relative to DIR, listening on 127.0.0.1 only."""
+def llm_ha_profile(variant: str, s: Settings, fallback_url: str, ref: Reference = REFERENCE) -> str:
+    """The llm-ha profile of bench-spike's variant `variant` ("llm-ha": the reference profile;
+    "limits": plus the concurrency limits), at the same time scale."""
+    return profile_text(VARIANTS[variant], s.scale, fallback_url, ref)
+
+
+def nginx_conf(ref: Settings, primary_url: str, fallback_url: str, port: int,
+               read_timeout: float | None = None) -> str:
+    """nginx.conf for `nginx -p DIR`: everything relative to DIR, listening on 127.0.0.1 only.
+    `read_timeout` (wall seconds) replaces the first-byte timeout as proxy_read_timeout."""
+    read_timeout = ref.first_byte_timeout if read_timeout is None else read_timeout
+
     def ms(seconds: float) -> str:
         return f"{max(1, round(seconds * 1000))}ms"
 
@@ -131,7 +156,7 @@ http {{
     uwsgi_temp_path tmp/uwsgi;
     scgi_temp_path tmp/scgi;
     upstream llm {{
-        server {hostport(primary_url)} max_fails={ref.failures_to_eject} fail_timeout={ms(ref.base_ejection_time)};
+        server {hostport(primary_url)} max_fails={FAILURES_TO_EJECT} fail_timeout={max(1, round(ref.base_ejection_time))}s;
         server {hostport(fallback_url)} backup;
         keepalive 64;
     }}
@@ -142,11 +167,10 @@ http {{
             proxy_pass http://llm;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
+            proxy_buffering off;  # stream the answer; request buffering stays on, so the body can be re-sent
             proxy_connect_timeout {ms(ref.first_byte_timeout)};
             proxy_send_timeout {ms(ref.first_byte_timeout)};
-            proxy_read_timeout {ms(ref.first_byte_timeout)};
+            proxy_read_timeout {ms(read_timeout)};
             proxy_next_upstream error timeout http_500 http_502 http_503 http_429 non_idempotent;
         }}
     }}
@@ -154,7 +178,7 @@ http {{
 """
 
 
-def litellm_config(ref: Reference, primary_url: str, fallback_url: str) -> dict:
+def litellm_config(ref: Settings, primary_url: str, fallback_url: str) -> dict:
     """The LiteLLM proxy config (as a dict; JSON is valid YAML): two deployments, fallbacks, cooldown."""
     def deployment(name: str, model: str, url: str, stream_timeout: float) -> dict:
         return {"model_name": name, "litellm_params": {
@@ -170,7 +194,7 @@ def litellm_config(ref: Reference, primary_url: str, fallback_url: str) -> dict:
             "num_retries": 0,
             "timeout": ref.request_timeout,
             "stream_timeout": ref.first_byte_timeout,
-            "allowed_fails": ref.failures_to_eject - 1,
+            "allowed_fails": FAILURES_TO_EJECT - 1,
             "cooldown_time": ref.base_ejection_time,
             "fallbacks": [{PRIMARY_MODEL: [FALLBACK_GROUP]}],
             "retry_after": 0,
@@ -181,38 +205,45 @@ def litellm_config(ref: Reference, primary_url: str, fallback_url: str) -> dict:
 
 # What each reference setting became in each peer; llm-ha takes them as they are.
 MAPPINGS: list[tuple[str, str, str]] = [
-    ("first-byte timeout 200 ms",
-     "proxy_read_timeout 200ms (+ connect/send 200ms); proxy_next_upstream timeout moves on. It bounds every "
-     "read, not only the first byte: a gap of 200 ms between two chunks cuts the stream after bytes were sent. "
-     "One value for all servers: the backup is held to 200 ms too (llm-ha gives it 5 s)",
-     "stream_timeout: 0.2 on the primary deployment (5 on the fallback); an httpx timeout, so it bounds connect "
-     "and every read of the stream, not only the first byte"),
+    ("first-byte timeout 200 ms (fallback: 5 s)",
+     "proxy_read_timeout 200ms (connect and send timeouts 200ms too); proxy_next_upstream timeout moves on. "
+     "It bounds every read, not only the first byte, and one value holds for every server (the backup gets "
+     "200 ms, not 5 s). Below ~300 ms it is a deadline for the whole response: nginx keeps a timer whose new "
+     "deadline is within 300 ms of the old (NGX_TIMER_LAZY_DELAY), so every stream longer than 200 ms is cut. "
+     "'nginx 1s' is the value a user would pick instead: proxy_read_timeout 1s",
+     "stream_timeout: 0.2 on the primary deployment, 5 on the fallback (router_settings.stream_timeout 0.2); "
+     "an httpx timeout, so it bounds connect and every read of the stream, not only the first byte"),
     ("failure rate threshold 50 %, interval 1 s, min_requests 1",
-     "no rate, no interval: max_fails=1 (a fixed count of failures within fail_timeout; 1 is the closest to "
-     "'a lone failed attempt in an interval ejects')",
-     "no rate, no interval: allowed_fails: 0 (cooldown once failures exceed it within cooldown_time). LiteLLM's "
-     "own rate rule (>50 % of a minute's calls, >=5 calls) is skipped for a model group of one deployment and "
-     "once allowed_fails is set"),
+     "no rate, no interval: max_fails=1, a count of failures within fail_timeout (a lone failed attempt in "
+     "its interval ejects in llm-ha, so 1 is the closest count)",
+     "no rate, no interval: allowed_fails: 0, cooldown once the failures within cooldown_time exceed it. "
+     "LiteLLM's own rate rule (over 50 % of a minute's calls, at least 5 calls) applies only to model groups "
+     "of several deployments and only when allowed_fails is not set"),
     ("base ejection time 30 s",
-     "fail_timeout=30s: both the window in which max_fails are counted and the time the server is out",
-     "cooldown_time: 30 (also the window in which allowed_fails are counted)"),
-    ("k x base ejection, max 300 s, k decay",
+     "fail_timeout=30s: both the window for max_fails and the time the server is out (whole seconds only)",
+     "cooldown_time: 30: the time out, and the window in which allowed_fails are counted"),
+    ("k x base ejection, max 300 s, k decays while healthy",
      "none: every ejection lasts fail_timeout", "none: every cooldown lasts cooldown_time"),
-    ("fallback provider",
-     "the fallback is a `backup` server of the same upstream; no per-server URL path, API key or model rewrite "
-     "(the fallback gets the client's model name and key)",
-     "fallbacks: [{primary: [fallback]}] to a second model group; api_key and model per deployment"),
-    ("transparent retry on the next candidate",
-     "proxy_next_upstream error timeout http_500 http_502 http_503 http_429 non_idempotent (POST is retried only "
-     "with non_idempotent); nothing after the first byte reached the client",
-     "num_retries: 0 (no second try on the same deployment), then the fallback group; max_retries: 0 in the "
-     "openai client"),
-    ("connection refused / reset counts as a failure",
-     "yes (error)",
-     "retried on the fallback, but never cools the deployment down: LiteLLM ignores APIConnectionError for "
-     "cooldown, so a dead primary is tried first on every request"),
+    ("fallback provider (own URL, API key, model)",
+     "`backup` server of the same upstream; the request is passed as is: no per-server API key or model "
+     "rewrite (the fallback gets the client's model name and key), one URL path for both",
+     "fallbacks: [{primary: [fallback]}], a second model group with its own api_base, api_key, model"),
+    ("retry on the next candidate before any byte reaches the client",
+     "proxy_next_upstream error timeout http_500 http_502 http_503 http_429 non_idempotent (without "
+     "non_idempotent a POST that reached the server is never retried; with proxy_request_buffering off nginx "
+     "cannot re-send the body and answers 504 instead)",
+     "num_retries: 0 (no second try on the same deployment), then the fallback group; max_retries: 0 for "
+     "the openai client inside"),
+    ("connection refused or reset counts as a failure", "yes (error)",
+     "retried on the fallback, but never starts a cooldown: LiteLLM skips cooldown for APIConnectionError, "
+     "so a dead primary is tried first on every request"),
+    ("a stream broken after the first byte", "the client sees the stream break",
+     "the client gets finish_reason \"stop\" and [DONE]: a truncated answer that looks complete"),
     ("in-band error (200 + error event) counts as a failure", "no", "no"),
-    ("request timeout 600 s (non-streaming)", "none separate: proxy_read_timeout applies", "timeout: 600"),
+    ("request timeout 600 s (non-streaming)", "no separate one: proxy_read_timeout", "timeout: 600"),
+    ("concurrency limits (llm-ha + limits: max_inflight 16, adaptive, slow start)",
+     "max_conns=16 would queue or fail, not shed to the backup; not set (the reference profile has none)",
+     "max_parallel_requests / rpm per deployment; not set (the reference profile has none)"),
 ]
 
 
@@ -234,6 +265,8 @@ def _children_map() -> dict[int, list[int]]:
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and its live descendants."""
+    if not os.path.exists(f"/proc/{pid}"):
+        return []
     children, tree, todo = _children_map(), [], [pid]
     while todo:
         current = todo.pop()
@@ -335,17 +368,28 @@ class DirectPeer(Peer):
 
 
 class MitmPeer(Peer):
-    """mitmdump, with llm-ha (`addon=True`) or as a plain reverse proxy to the primary."""
+    """mitmdump with llm-ha (`variant`: bench-spike's "llm-ha" or "limits"), or, with `variant=None`, a plain
+    reverse proxy to the primary."""
 
-    def __init__(self, primary_url: str, fallback_url: str, ref: Reference, workdir: Path, addon: bool) -> None:
-        self.name = "llm-ha" if addon else "mitmdump"
+    def __init__(self, primary_url: str, fallback_url: str, settings: Settings, workdir: Path,
+                 variant: str | None, events: bool = True, confdir: str | os.PathLike | None = None) -> None:
+        self.name = {None: "mitmdump", "llm-ha": "llm-ha", "limits": "llm-ha-limits"}[variant]
+        addon = variant is not None
         profile = None
+        self.events_path = workdir / f"{self.name}-events.jsonl" if addon and events else None
         if addon:
-            profile = workdir / "llm-ha-profile.yaml"
-            profile.write_text(llm_ha_profile(ref, fallback_url))
-        confdir = workdir / "mitmproxy-conf"
-        confdir.mkdir(exist_ok=True)
+            profile = workdir / f"{self.name}-profile.yaml"
+            profile.write_text(llm_ha_profile(variant, settings, fallback_url))
+        confdir = Path(confdir) if confdir else workdir / "mitmproxy-conf"
+        confdir.mkdir(parents=True, exist_ok=True)
         options = {"flow_detail": 0, "termlog_verbosity": "warn"}
+        if not addon:
+            # Without this mitmproxy holds a response until it is complete: a stream's first token would
+            # reach the client with its last. llm-ha streams by itself (its hand-off).
+            options["stream_large_bodies"] = "1"
+        if self.events_path is not None:
+            self.events_path.unlink(missing_ok=True)
+            options["llm_ha_events"] = str(self.events_path)
         self.proxy = start_mitmdump(profile, reverse=primary_url, status=addon, confdir=str(confdir),
                                     options=options, log_path=str(workdir / f"{self.name}.log"))
         super().__init__(self.proxy.url, self.proxy.process.pid, self.proxy.log_path)
@@ -397,17 +441,18 @@ class GroupPeer(Peer):
 
 
 class NginxPeer(GroupPeer):
-    name = "nginx"
     stop_signal = signal.SIGTERM  # fast shutdown; SIGQUIT would wait for open streams
 
-    def __init__(self, primary_url: str, fallback_url: str, ref: Reference, workdir: Path,
-                 install: bool = True) -> None:
+    def __init__(self, primary_url: str, fallback_url: str, settings: Settings, workdir: Path,
+                 install: bool = True, practical: bool = False) -> None:
+        self.name = "nginx-1s" if practical else "nginx"
         binary = ensure_nginx(install)
-        prefix = workdir / "nginx"
+        read_timeout = NGINX_PRACTICAL_READ_TIMEOUT * settings.scale if practical else None
+        prefix = workdir / self.name
         for sub in ("logs", "tmp"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         port = free_port()
-        (prefix / "nginx.conf").write_text(nginx_conf(ref, primary_url, fallback_url, port))
+        (prefix / "nginx.conf").write_text(nginx_conf(settings, primary_url, fallback_url, port, read_timeout))
         self.prefix = prefix
         command = [binary, "-p", str(prefix), "-c", "nginx.conf", "-g", "daemon off;"]
         super().__init__(command, port, prefix, None, "/nginx-probe-404")
@@ -433,11 +478,13 @@ class NginxPeer(GroupPeer):
 class LiteLLMPeer(GroupPeer):
     name = "litellm"
 
-    def __init__(self, primary_url: str, fallback_url: str, ref: Reference, workdir: Path,
+    def __init__(self, primary_url: str, fallback_url: str, settings: Settings, workdir: Path,
                  install: bool = True) -> None:
         executable = ensure_litellm(install)
         config = workdir / "litellm-config.yaml"
-        config.write_text(json.dumps(litellm_config(ref, primary_url, fallback_url), indent=2))
+        config.write_text(json.dumps(litellm_config(settings, primary_url, fallback_url), indent=2))
+        log_config = workdir / "litellm-logging.json"  # no access-log line per request (nginx: access_log off)
+        log_config.write_text(json.dumps(LITELLM_LOGGING))
         port = free_port()
         env = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "LITELLM_"))}
         env.update({
@@ -449,24 +496,25 @@ class LiteLLMPeer(GroupPeer):
         })
         env.pop("PYTHONPATH", None)
         command = [str(executable), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-                   "--num_workers", "1"]
+                   "--num_workers", "1", "--log_config", str(log_config), "--telemetry", "False"]
         super().__init__(command, port, workdir, env, "/health/liveliness")
 
 
-def start_peer(name: str, primary_url: str, fallback_url: str, ref: Reference, workdir: str | os.PathLike,
-               install: bool = True) -> Peer:
+def start_peer(name: str, primary_url: str, fallback_url: str, settings: Settings, workdir: str | os.PathLike,
+               install: bool = True, confdir: str | os.PathLike | None = None) -> Peer:
     """Start peer `name` (one of PEERS, or "direct") in front of the two simulators; PeerUnavailable if it
     cannot be installed or started here."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "direct":
         return DirectPeer(primary_url)
-    if name in ("llm-ha", "mitmdump"):
-        return MitmPeer(primary_url, fallback_url, ref, workdir, addon=name == "llm-ha")
-    if name == "nginx":
-        return NginxPeer(primary_url, fallback_url, ref, workdir, install)
+    if name in ("llm-ha", "llm-ha-limits", "mitmdump"):
+        variant = {"llm-ha": "llm-ha", "llm-ha-limits": "limits", "mitmdump": None}[name]
+        return MitmPeer(primary_url, fallback_url, settings, workdir, variant, confdir=confdir)
+    if name in ("nginx", "nginx-1s"):
+        return NginxPeer(primary_url, fallback_url, settings, workdir, install, practical=name == "nginx-1s")
     if name == "litellm":
-        return LiteLLMPeer(primary_url, fallback_url, ref, workdir, install)
+        return LiteLLMPeer(primary_url, fallback_url, settings, workdir, install)
     raise ValueError(f"unknown peer {name!r}; known: direct, {', '.join(PEERS)}")
 
 
@@ -533,7 +581,7 @@ def ensure_litellm(install: bool = True) -> Path:
                               f"--install-litellm, or {sys.executable} -m venv {LITELLM_VENV} && "
                               f"{LITELLM_VENV}/bin/pip install '{LITELLM_REQUIREMENT}')")
     LITELLM_VENV.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = LITELLM_VENV.parent / f".{LITELLM_VENV.name}.lock"
+    lock_path = Path(tempfile.gettempdir()) / f"llm-ha-{LITELLM_VENV.name.lstrip('.')}-{os.getuid()}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time (parallel test runs, bench + tests)
         if litellm_stamp().exists() and executable.exists():
