@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-overhead bench-spike bench-peers clean
+.PHONY: demo test peers bench-overhead bench-spike bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ bench-overhead: $(STAMP)
 bench-spike: $(STAMP)
 	$(PY) -m llmsim.bench_spike
 
-bench-peers: $(STAMP)
+# The gateways bench-peers compares with: nginx (Debian's package, needs root) and the LiteLLM proxy in
+# its own .venv-litellm. The smoke test installs them on demand too, or skips with the reason.
+peers: $(STAMP)
+	$(PY) -m llmsim.peers --install-nginx --install-litellm
+
+bench-peers: peers
 	$(PY) -m llmsim.bench_peers
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info addons/*.egg-info sim/*.egg-info
+	rm -rf $(VENV) .venv-litellm .pytest_cache build *.egg-info addons/*.egg-info sim/*.egg-info

@@ -15,7 +15,9 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--panel", action="store_true",
                         help="also run with the live panel on (mitmdump gets a pseudo-terminal)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through the finally blocks: stop what we started
     runs = run_all(args.requests, args.concurrency, args.max_tokens, args.panel)
     Console(width=160).print(report(runs, args.requests, args.concurrency))
 
