@@ -37,11 +37,21 @@ class LlmRequest:
     path: str  # with the query string
     headers: list[tuple[str, str]]
     body: bytes
-    stream: bool
+    payload: dict  # the JSON body, parsed once; {} when the body is not a JSON object
 
     @classmethod
     def parse_body(cls, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> LlmRequest:
-        return cls(method, path, headers, body, stream=_json_body(body).get("stream") is True)
+        return cls(method, path, headers, body, _json_body(body))
+
+    @property
+    def stream(self) -> bool:
+        return self.payload.get("stream") is True
+
+    def body_for(self, model: str | None) -> bytes:
+        """The body with `model` replaced, when the upstream names one and the request has a model."""
+        if model is None or "model" not in self.payload:
+            return self.body
+        return json.dumps({**self.payload, "model": model}, ensure_ascii=False).encode()
 
 
 @dataclass
@@ -140,7 +150,7 @@ class Gate:
         http_request = self.client.build_request(
             request.method, node.url + request.path,
             headers=upstream_headers(request.headers, candidate),
-            content=rewrite_model(request.body, upstream.model),
+            content=request.body_for(upstream.model),
             timeout=httpx.Timeout(upstream.request_timeout),
         )
         self.tracker.attempt_started(node)
@@ -238,16 +248,6 @@ def upstream_headers(client_headers: list[tuple[str, str]], candidate: Candidate
 def response_headers(response: httpx.Response) -> list[tuple[str, str]]:
     return [(k, v) for k, v in response.headers.multi_items()
             if k.lower() not in HOP_BY_HOP | {"content-length"}]
-
-
-def rewrite_model(body: bytes, model: str | None) -> bytes:
-    if model is None:
-        return body
-    payload = _json_body(body)
-    if "model" not in payload:
-        return body
-    payload["model"] = model
-    return json.dumps(payload, ensure_ascii=False).encode()
 
 
 def _json_body(body: bytes) -> dict:
