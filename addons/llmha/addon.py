@@ -151,16 +151,18 @@ class Runtime:
 
 
 @dataclass
-class _Redirect:
+class _Handoff:
+    """A streamed flow pointed at the hand-off server, until its answer ends."""
+
     original: http.Request  # the client's request, put back on the flow in `responseheaders`
-    handoff_path: str
+    path: str
+    record: AttemptRecord  # the winning attempt: its duration (or cut) is known only at the end
 
 
 class LlmHa:
     # Flows handed off but not yet answered. Class-level: a script reload makes a new LlmHa (this module
     # stays imported), and the new one must still put back the real request of streams in flight.
-    redirects: dict[str, _Redirect] = {}
-    stream_records: dict[str, AttemptRecord] = {}
+    handoffs: dict[str, _Handoff] = {}
 
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
@@ -332,29 +334,30 @@ class LlmHa:
     # -- flows: put the real request back once the handed-off stream answers
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        redirect = self.redirects.pop(flow.id, None)
-        if redirect:
-            flow.request.data = redirect.original.data
+        handoff = self.handoffs.get(flow.id)
+        if handoff:
+            flow.request.data = handoff.original.data
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finish_stream_record(flow)
+        self._end_handoff(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        redirect = self.redirects.pop(flow.id, None)
-        if redirect:
-            flow.request.data = redirect.original.data
-            if self.runtime:
-                self.runtime.handoff.release(redirect.handoff_path)
-        self._finish_stream_record(flow)
+        handoff = self._end_handoff(flow)
+        if handoff and self.runtime:
+            self.runtime.handoff.release(handoff.path)
 
-    def _finish_stream_record(self, flow: http.HTTPFlow) -> None:
-        """A streamed attempt's duration (and a cut) is known only at the end: update the flow's record."""
-        record = self.stream_records.pop(flow.id, None)
+    def _end_handoff(self, flow: http.HTTPFlow) -> _Handoff | None:
+        """Put the real request back and record the streamed attempt's duration (or cut) on the flow."""
+        handoff = self.handoffs.pop(flow.id, None)
+        if handoff is None:
+            return None
+        flow.request.data = handoff.original.data
         meta = flow.metadata.get(META_KEY)
-        if record and meta:
-            meta["attempts"][-1] = record.to_dict()
+        if meta:
+            meta["attempts"][-1] = handoff.record.to_dict()
             flow.comment = meta["summary"] = summarize(meta["attempts"])
+        return handoff
 
     # -- commands
 
@@ -427,8 +430,7 @@ class FlowGate:
         extra = [("x-llm-ha-upstream", result.upstream_name), ("x-llm-ha-attempts", str(len(attempts)))]
         if result.stream:
             path = runtime.handoff.register(result.stream, extra)
-            self.owner.stream_records[flow.id] = result.stream.record
-            self.owner.redirects[flow.id] = _Redirect(flow.request, path)
+            self.owner.handoffs[flow.id] = _Handoff(flow.request, path, result.stream.record)
             _point_at_handoff(flow, runtime.handoff.port, path)
         else:
             answer = result.answer

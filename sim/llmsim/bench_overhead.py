@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import statistics
 import sys
@@ -28,6 +27,7 @@ import openai
 from rich.console import Console
 from rich.table import Table
 
+from .peers import cpu_seconds
 from .proxy import start_mitmdump
 from .testing import start_simulator
 
@@ -74,11 +74,6 @@ async def measure(base_url: str, requests: int, concurrency: int, max_tokens: in
     await asyncio.gather(*(one() for _ in range(requests)))
     await client.close()
     return ttft, total
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager

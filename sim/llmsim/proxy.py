@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .testing import free_port, poll_until
+from .testing import free_port, poll_until, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 ADDON = REPO / "addons" / "llm_ha.py"
@@ -64,13 +64,7 @@ class MitmProcess:
         return Path(self.log_path).read_text(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> str:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        terminate(self.process, timeout)
         return self.output()
 
 

@@ -43,6 +43,17 @@ def poll_until(fetch: Callable[[], Any], predicate: Callable[[Any], bool], timeo
         time.sleep(interval)
 
 
+def terminate(process: subprocess.Popen, timeout: float) -> None:
+    """Terminate, wait, kill if it does not go."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
 class SimulatorError(RuntimeError):
     pass
 
@@ -107,14 +118,7 @@ class SimProcess:
             return f.read()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Terminate, wait, kill if it does not go."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout)
         if self.process.stdout:
             self.process.stdout.close()
         with contextlib.suppress(OSError):
