@@ -1,8 +1,9 @@
 """Candidate order: primary nodes first, fallbacks after, least in flight, round-robin ties, panic."""
 
-from llmha.candidates import CandidatePicker
-from llmha.health import HealthTracker, Node
-from llmha.profile import HealthCheck, Profile, Upstream
+from llmha.core.candidates import CandidatePicker
+from llmha.core.nodes import NodePool
+from llmha.core.profile import Profile, Upstream
+from llmha.core.types import NodeId as Node
 
 T0 = 1_000_000.0
 PROFILE = Profile(path="c.yaml", upstreams=(
@@ -15,8 +16,7 @@ BACKUP, LAST = Node("backup", "http://127.0.0.1:3"), Node("last", "http://127.0.
 
 
 def setup(profile=PROFILE):
-    picker = CandidatePicker(profile)
-    return picker, HealthTracker(HealthCheck(), picker.all_nodes(), T0)
+    return CandidatePicker(profile), NodePool(profile, T0)
 
 
 def order(picker, tracker, now=T0):
@@ -32,7 +32,7 @@ def test_upstreams_in_profile_order_and_round_robin_between_idle_nodes():
 
 def test_least_in_flight_first():
     picker, tracker = setup()
-    tracker.attempt_started(A)
+    tracker.try_acquire(A, T0, streamed=True)
     assert [order(picker, tracker)[0] for _ in range(4)] == [B, B, B, B]
 
 
@@ -57,12 +57,3 @@ def test_only_the_primary_candidate_is_marked_primary():
     tracker.eject(A, T0)
     flags = [(c.node, c.is_primary) for c in picker.candidates(tracker, T0 + 1)]
     assert flags == [(B, True), (BACKUP, False), (LAST, False)]
-
-
-def test_without_transparent_failover_only_one_candidate():
-    profile = Profile(path="c.yaml", upstreams=PROFILE.upstreams, transparent_failover=False)
-    picker, tracker = setup(profile)
-    assert len(order(picker, tracker)) == 1
-    tracker.eject(A, T0)
-    tracker.eject(B, T0)
-    assert order(picker, tracker, T0 + 1) == [BACKUP]

@@ -5,7 +5,10 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from llmha.addon import LlmHa
+from llmha.addons.commands import Commands
+from llmha.addons.eventlog import EventLogAddon
+from llmha.addons.runtime import RuntimeLoader
+from llmha.addons.statusserver import StatusAddon
 
 PROFILE = """
 health_check: {interval: 1s, base_ejection_time: 30s}
@@ -17,13 +20,31 @@ upstreams:
 """
 
 
+class Addons:
+    """The addons the commands need, as the entry script lists them."""
+
+    def __init__(self) -> None:
+        self.events = EventLogAddon()
+        self.loader = RuntimeLoader(self.events.log)
+        self.commands = Commands(self.loader)
+        self.status_addon = StatusAddon(self.loader)
+        self.all = [self.events, self.loader, self.commands, self.status_addon]
+
+    def status(self) -> dict:
+        return self.loader.status()
+
+    def __getattr__(self, name):  # the commands: eject_command, ...
+        return getattr(self.commands, name)
+
+
 @pytest.fixture
 def loaded(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(PROFILE)
-    addon = LlmHa()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, llm_ha_profile=str(path), llm_ha_events=str(tmp_path / "events.jsonl"))
+    addon = Addons()
+    with taddons.context(*addon.all) as tctx:
+        tctx.configure(addon.events, llm_ha_events=str(tmp_path / "events.jsonl"))
+        tctx.configure(addon.loader, llm_ha_profile=str(path))
         yield addon, tctx, tmp_path
 
 
@@ -59,25 +80,25 @@ def test_unknown_node_is_a_clear_command_error(loaded):
 
 
 def test_commands_without_a_profile_say_so():
-    addon = LlmHa()
-    with taddons.context(addon):
+    addon = Addons()
+    with taddons.context(*addon.all):
         with pytest.raises(exceptions.CommandError, match="no profile loaded"):
             addon.status_command()
 
 
 def test_a_bad_profile_set_while_running_is_refused_and_the_old_one_kept(loaded):
     addon, tctx, tmp_path = loaded
-    addon._running = True
+    addon.loader._running = True
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstreams: []\n")
-    before = addon.runtime
-    before.tracker.eject(before.tracker.nodes[0], 0)
+    before = addon.loader.runtime
+    before.pool.eject(next(iter(before.pool.nodes)), 0)
     with pytest.raises(exceptions.OptionsError, match=r"bad.yaml: upstreams: needs a list"):
-        tctx.configure(addon, llm_ha_profile=str(bad))
-    assert addon.runtime is before, "the rollback keeps the running state (and its ejections)"
+        tctx.configure(addon.loader, llm_ha_profile=str(bad))
+    assert addon.loader.runtime is before, "the rollback keeps the running state (and its ejections)"
 
 
 def test_bad_status_address_is_refused(loaded):
     addon, tctx, _ = loaded
     with pytest.raises(exceptions.OptionsError, match="HOST:PORT"):
-        tctx.configure(addon, llm_ha_status="nonsense")
+        tctx.configure(addon.status_addon, llm_ha_status="nonsense")

@@ -1,33 +1,61 @@
-"""The health tracker with a fake clock: exact times, the reference values unshortened."""
+"""The outlier detector with a fake clock: exact times, the reference values unshortened."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmha.candidates import CandidatePicker
-from llmha.health import HealthTracker, Node, Outcome
-from llmha.profile import HealthCheck, Profile, Upstream
+from llmha.core.candidates import CandidatePicker
+from llmha.core.health import HealthEvent, OutlierDetector
+from llmha.core.nodes import NodePool
+from llmha.core.profile import HealthCheck, Profile, Upstream
+from llmha.core.types import NodeId, Outcome
 
 T0 = 1_000_000.0
 REFERENCE = HealthCheck(failure_rate_threshold=50, interval=1, base_ejection_time=30, max_ejection_time=300)
-PRIMARY = Node("primary", "http://127.0.0.1:8001")
-FALLBACK = Node("fallback", "http://127.0.0.1:8002")
+PRIMARY = NodeId("primary", "http://127.0.0.1:8001")
+FALLBACK = NodeId("fallback", "http://127.0.0.1:8002")
 
 
-def tracker(config=REFERENCE, nodes=(PRIMARY, FALLBACK)) -> HealthTracker:
-    return HealthTracker(config, list(nodes), T0)
+class Detector(OutlierDetector):
+    """The detector with its state changes collected, as a listener would see them."""
+
+    def __init__(self, config: HealthCheck, nodes: list[NodeId], now: float) -> None:
+        self.seen: list[HealthEvent] = []
+        super().__init__(config, nodes, now, self.seen.append)
+
+    def snapshot(self, node: NodeId, now: float) -> dict:
+        self.advance(now)
+        m = self.monitors[node]
+        ejected = m.is_ejected(now)
+        return {"state": "ejected" if ejected else "healthy", "k": m.k, "ejections": m.ejections,
+                "ejected_remaining_s": m.ejected_until - now if ejected else 0.0,
+                "failure_rate": m.last_failure_rate}
+
+    def take_events(self) -> list[HealthEvent]:
+        seen, self.seen[:] = list(self.seen), []
+        return seen
 
 
-def outcomes(t: HealthTracker, node: Node, at: float, ok: int, failed: int) -> None:
+def tracker(config=REFERENCE, nodes=(PRIMARY, FALLBACK)) -> Detector:
+    return Detector(config, list(nodes), T0)
+
+
+def outcomes(t: Detector, node: NodeId, at: float, ok: int, failed: int) -> None:
     for _ in range(ok):
-        t.record(node, Outcome.OK, at, ttfb=0.05)
+        t.record(node, Outcome.OK, at)
     for _ in range(failed):
         t.record(node, Outcome.TIMEOUT, at)
 
 
-def events(t: HealthTracker, now: float) -> list[tuple]:
+def events(t: Detector, now: float) -> list[tuple]:
     t.advance(now)
     return [(e.action, e.ts - T0, e.k, e.duration_s) for e in t.take_events()]
+
+
+def pool(config=REFERENCE) -> NodePool:
+    profile = Profile(path="h.yaml", health_check=config, upstreams=(
+        Upstream("primary", (PRIMARY.url,)), Upstream("fallback", (FALLBACK.url,))))
+    return NodePool(profile, T0)
 
 
 def test_threshold_exactly_met_ejects_at_the_interval_boundary():
@@ -119,7 +147,7 @@ def test_k_decay_period_is_configurable():
 
 
 def test_nodes_are_ejected_independently():
-    other = Node("primary", "http://127.0.0.1:8011")
+    other = NodeId("primary", "http://127.0.0.1:8011")
     t = tracker(nodes=(PRIMARY, other, FALLBACK))
     outcomes(t, PRIMARY, T0 + 0.5, ok=0, failed=2)
     outcomes(t, other, T0 + 0.5, ok=2, failed=0)
@@ -144,9 +172,12 @@ def test_manual_eject_restore_and_reset():
     assert events(t, T0 + 5) == [("eject", 3.0, 1, 30)]
     t.restore(PRIMARY, T0 + 6)
     assert events(t, T0 + 6) == [("uneject", 6.0, 1, None)]
-    assert t.snapshot(PRIMARY, T0 + 6)["k"] == 2
-    t.reset(T0 + 7)
-    snap = t.snapshot(PRIMARY, T0 + 7)
+    nodes = pool()
+    nodes.eject(PRIMARY, T0 + 3)
+    nodes.restore(PRIMARY, T0 + 6)
+    assert nodes.snapshot(PRIMARY, T0 + 6)["k"] == 2
+    nodes.reset(T0 + 7)
+    snap = nodes.snapshot(PRIMARY, T0 + 7)
     assert (snap["k"], snap["ejections"], snap["requests"]) == (1, 0, 0)
 
 
@@ -160,10 +191,10 @@ def test_long_quiet_gaps_are_skipped_exactly():
 
 
 def test_status_fields_and_ttfb_percentiles():
-    t = tracker()
+    t = pool()
     for i in range(1, 101):
-        t.record(PRIMARY, Outcome.OK, T0 + i * 0.001, ttfb=i / 1000)
-    t.attempt_started(PRIMARY)
+        t.try_acquire(PRIMARY, T0, streamed=True).release(Outcome.OK, T0 + i * 0.001, ttfb_s=i / 1000)
+    t.try_acquire(PRIMARY, T0 + 0.5, streamed=True)
     snap = t.snapshot(PRIMARY, T0 + 0.5)
     assert snap["ttfb_p50_ms"] == pytest.approx(50.5) and snap["ttfb_p95_ms"] == pytest.approx(95.05, abs=0.1)
     assert snap["inflight"] == 1 and snap["requests"] == 100 and snap["state"] == "healthy"
@@ -191,27 +222,30 @@ PROFILE = Profile(path="prop.yaml", upstreams=(
     Upstream("primary", ("http://127.0.0.1:1", "http://127.0.0.1:2")),
     Upstream("fallback", ("http://127.0.0.1:3",)),
 ))
-NODES = {"primary-a": Node("primary", "http://127.0.0.1:1"), "primary-b": Node("primary", "http://127.0.0.1:2"),
-         "fallback": Node("fallback", "http://127.0.0.1:3")}
+NODES = {"primary-a": NodeId("primary", "http://127.0.0.1:1"), "primary-b": NodeId("primary", "http://127.0.0.1:2"),
+         "fallback": NodeId("fallback", "http://127.0.0.1:3")}
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(step, max_size=80))
 def test_invariants_hold_for_any_sequence_of_outcomes(steps):
     picker = CandidatePicker(PROFILE)
-    t = HealthTracker(CONFIG, picker.all_nodes(), T0)
+    seen: list[HealthEvent] = []
+    nodes = NodePool(Profile(path="prop.yaml", upstreams=PROFILE.upstreams, health_check=CONFIG), T0, seen.append)
+    t = nodes.detector
     now = T0
     for advance, name, outcome in steps:
         now += advance
         t.record(NODES[name], outcome, now)
-        for event in t.take_events():
+        for event in seen:
             if event.action == "eject":
                 assert event.duration_s <= CONFIG.max_ejection_time
+        seen.clear()
         for m in t.monitors.values():
             assert m.k >= 1 and m.next_k >= 1
             if m.is_ejected(now):
                 assert m.ejected_until - now <= CONFIG.max_ejection_time
-        chosen = [c.node for c in picker.candidates(t, now)]
+        chosen = [c.node for c in picker.candidates(nodes, now)]
         healthy = [n for n in t.nodes if not t.monitors[n].is_ejected(now)]
         if healthy:
             assert set(chosen) == set(healthy), "ejected nodes are never chosen while a healthy one exists"

@@ -2,10 +2,11 @@
 
 import pytest
 
-from llmha.candidates import CandidatePicker
-from llmha.health import HealthTracker, Outcome
-from llmha.limits import LimitSettings, NodeLimiter
-from llmha.profile import HealthCheck, Profile, Upstream
+from llmha.core.candidates import CandidatePicker
+from llmha.core.limits import LimitSettings, NodeLimiter
+from llmha.core.nodes import NodePool
+from llmha.core.profile import Profile, Upstream
+from llmha.core.types import Outcome
 
 ADAPTIVE = LimitSettings(max_inflight=64, adaptive=True, min_inflight=2)
 
@@ -101,30 +102,42 @@ def test_slow_start_ramps_linearly_after_a_return():
     assert [limiter.limit(100 + t) for t in (0, 7.5, 15, 22.5, 29.9, 30, 60)] == [2, 6, 11, 15, 19, 20, 20]
 
 
-def test_requests_over_the_cap_are_shed_to_the_next_candidate_and_counted():
+def test_a_node_at_its_cap_refuses_the_lease_and_only_that_is_a_shed():
     profile = Profile(path="l.yaml", upstreams=(
         Upstream("primary", ("http://127.0.0.1:1",), max_inflight=2),
-        Upstream("fallback", ("http://127.0.0.1:2",)),
+        Upstream("fallback", ("http://127.0.0.1:2",), max_inflight=1),
     ))
-    picker = CandidatePicker(profile)
-    tracker = HealthTracker(HealthCheck(), picker.all_nodes(), 0)
-    primary, fallback = picker.all_nodes()
-    firsts = []
-    for _ in range(4):
-        first = picker.candidates(tracker, 1)[0].node
-        tracker.attempt_started(first)
-        firsts.append(first)
-    assert firsts == [primary, primary, fallback, fallback]
-    assert picker.limits.status(primary, 1) == {"limit": 2, "shed": 2}
-    assert tracker.monitors[primary].failures == 0, "shedding is not a failure of the node"
+    pool = NodePool(profile, 0)
+    primary, fallback = pool.nodes
+    held = [pool.try_acquire(primary, 1, streamed=True) for _ in range(2)]
+    assert pool.try_acquire(primary, 1, streamed=True) is None
+    assert (pool[primary].inflight, pool[primary].shed, pool[fallback].shed) == (2, 1, 0)
+    held[0].release(Outcome.OK, 2)
+    assert pool.try_acquire(primary, 2, streamed=True) is not None, "a released slot is free again at once"
+    assert pool[primary].monitor.failures == 0, "shedding is not a failure of the node"
 
 
-def test_when_every_node_is_at_its_limit_they_are_all_kept():
+def test_candidate_order_does_not_judge_limits():
+    profile = Profile(path="l.yaml", upstreams=(
+        Upstream("primary", ("http://127.0.0.1:1",), max_inflight=1),
+        Upstream("fallback", ("http://127.0.0.1:2",), max_inflight=1),
+    ))
+    pool = NodePool(profile, 0)
+    primary, fallback = pool.nodes
+    pool.try_acquire(fallback, 0, streamed=True)
+    for _ in range(3):
+        assert [c.node for c in CandidatePicker(profile).candidates(pool, 1)] == [primary, fallback]
+    assert pool[fallback].shed == 0, "a busy fallback the request never tried has shed nothing"
+
+
+def test_over_limit_leases_are_granted_when_asked():
     profile = Profile(path="l.yaml", upstreams=(Upstream("only", ("http://127.0.0.1:1",), max_inflight=1),))
-    picker = CandidatePicker(profile)
-    tracker = HealthTracker(HealthCheck(), picker.all_nodes(), 0)
-    tracker.attempt_started(picker.all_nodes()[0])
-    assert [c.node for c in picker.candidates(tracker, 1)] == picker.all_nodes()
+    pool = NodePool(profile, 0)
+    (only,) = pool.nodes
+    pool.try_acquire(only, 0, streamed=True)
+    assert pool.try_acquire(only, 0, streamed=True) is None
+    assert pool.try_acquire(only, 0, streamed=True, over_limit=True) is not None
+    assert pool[only].inflight == 2
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -134,7 +147,7 @@ def test_when_every_node_is_at_its_limit_they_are_all_kept():
     ("max_inflight: 0", "upstreams[0].max_inflight: needs a whole number >= 1"),
 ])
 def test_limit_settings_are_validated(tmp_path, text, problem):
-    from llmha.profile import ProfileError, load_profile
+    from llmha.core.profile import ProfileError, load_profile
     path = tmp_path / "p.yaml"
     path.write_text(f"upstreams:\n  - name: p\n    nodes: ['http://127.0.0.1:1']\n    {text}\n")
     with pytest.raises(ProfileError, match=problem.replace("[", r"\[").replace("]", r"\]")):

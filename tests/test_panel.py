@@ -24,7 +24,7 @@ import pytest
 from rich.console import Console
 from rich.style import Style
 
-from llmha.httpserver import HttpServer
+from llmha.proxy.httpserver import HttpServer
 from llmha.panel import (
     LivePanel,
     Viewer,

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import yaml
 
-from llmha.profile import parse_profile
+from llmha.core.profile import parse_profile
 from llmsim import bench_peers, peers
 from llmsim.bench_peers import Row, is_truncated, run_spike, summarize_profile, table, targets
 from llmsim.loadgen import Record

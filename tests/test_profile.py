@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llmha.profile import ProfileError, load_profile, parse_duration
+from llmha.core.profile import ProfileError, load_profile, parse_duration
 
 PROFILES = Path(__file__).parent.parent / "profiles"
 

@@ -19,8 +19,8 @@ from mitmproxy import flowfilter, io
 from mitmproxy.http import Headers
 from mitmproxy.test import tflow, tutils
 
-from llmha.health import Outcome
-from llmha.profile import HealthCheck, Upstream, load_profile
+from llmha.core.types import Outcome
+from llmha.core.profile import HealthCheck, Upstream, load_profile
 from llmha.replay import (
     PNG_NEEDS_MATPLOTLIB, RecordedAttempt, ReplayError, attempts_from_flow, evaluate, judge, read_attempts,
     render_table, write_timeline_png,

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from llmha.profile import load_profile
+from llmha.core.profile import load_profile
 from llmsim.bench_spike import build_table, row_values, verdicts, write_csv
 from llmsim.loadgen import Record
 from llmsim.scenario import (VARIANTS, RunResult, SpikeLoad, describe_scale, down_periods, ejection_periods,

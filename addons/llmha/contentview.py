@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
-from .sse import error_in, iter_data
+from .core.sse import error_in, iter_data
+from .core.types import META_KEY
 
-META_KEY = "llm_ha"
+
 SSE_PRIORITY = 2.0  # above every built-in view (JSON is 1, raw 0.1)
 JSON_PRIORITY = 1.1  # just above the JSON view, for chat.completion answers
 

@@ -1,7 +1,7 @@
 """What-if evaluation of recorded LLM traffic: with this profile, when would llm-ha have ejected a node?
 
 A recording (a mitmproxy flow file) is turned into `RecordedAttempt`s, one per upstream attempt, and
-`evaluate` feeds them, in time order and on their own timestamps, to a fresh `HealthTracker` built
+`evaluate` feeds them, in time order and on their own timestamps, to a fresh `OutlierDetector` built
 from the profile. Nothing is sent anywhere.
 
 How an attempt is judged (the same rules as the live gate):
@@ -56,11 +56,11 @@ from mitmproxy import io as flow_io
 from mitmproxy.exceptions import FlowReadException
 
 
-from .gate import status_outcome
-from .health import HealthEvent, HealthTracker, Node, NodeMonitor, Outcome
-from .modes import mode_url
-from .profile import HealthCheck, Profile, ProfileError, Upstream, load_profile
-from .sse import error_in, iter_data
+from .core.health import HealthEvent, NodeMonitor, OutlierDetector
+from .core.profile import HealthCheck, Profile, ProfileError, Upstream, load_profile
+from .core.sse import error_in, iter_data
+from .core.types import NodeId, Outcome, status_outcome
+from .proxy.modes import mode_url
 
 logger = logging.getLogger("llm_ha")
 
@@ -255,7 +255,7 @@ class IntervalRate:
 @dataclass
 class JudgedAttempt:
     attempt: RecordedAttempt
-    node: Node
+    node: NodeId
     verdict: Verdict
     fate: str = "fed"  # fed | moved
     moved_to: str | None = None  # "upstream url" of the node that would have taken it
@@ -263,7 +263,7 @@ class JudgedAttempt:
 
 @dataclass
 class NodeReport:
-    node: Node
+    node: NodeId
     attempts: int = 0  # recorded at this node
     fed: int = 0  # judged by the evaluation (not moved)
     outcomes: Counter = field(default_factory=Counter)  # what-if outcomes of the fed attempts
@@ -360,7 +360,7 @@ def _settings(profile: Profile) -> dict:
 class _HistoryMonitor(NodeMonitor):
     """A NodeMonitor that keeps every non-empty interval's failure rate."""
 
-    def __init__(self, node: Node, config: HealthCheck, now: float) -> None:
+    def __init__(self, node: NodeId, config: HealthCheck, now: float) -> None:
         super().__init__(node, config, now)
         self.history: list[IntervalRate] = []
 
@@ -374,8 +374,13 @@ class _HistoryMonitor(NodeMonitor):
         return event
 
 
+class _HistoryDetector(OutlierDetector):
+    def new_monitor(self, node: NodeId, now: float) -> _HistoryMonitor:
+        return _HistoryMonitor(node, self.config, now)
+
+
 class _Evaluation:
-    """One run of `evaluate`: the tracker, the placed attempts, and a time-ordered queue."""
+    """One run of `evaluate`: the detector, the placed attempts, and a time-ordered queue."""
 
     ARRIVE, DECIDE = 0, 1
 
@@ -384,14 +389,14 @@ class _Evaluation:
         self.start = min(a.start for a in attempts)
         self.judged = [self._place(a) for a in sorted(attempts, key=lambda a: (a.start, a.request_id, a.index))]
         self.order, self.notes = _node_order(profile, [j.node for j in self.judged])
-        self.tracker = HealthTracker(profile.health_check, self.order, self.start)
-        self.tracker.monitors = {n: _HistoryMonitor(n, profile.health_check, self.start) for n in self.order}
+        self.events: list[HealthEvent] = []
+        self.tracker = _HistoryDetector(profile.health_check, self.order, self.start, self.events.append)
         self.unobserved = 0
         self.end = self.start
 
     def _place(self, attempt: RecordedAttempt) -> JudgedAttempt:
         upstream = _upstream_of(attempt, self.profile)
-        return JudgedAttempt(attempt, Node(upstream.name, attempt.node), judge(attempt, upstream))
+        return JudgedAttempt(attempt, NodeId(upstream.name, attempt.node), judge(attempt, upstream))
 
     def run(self) -> None:
         queue = [(j.attempt.start, self.ARRIVE, i, None) for i, j in enumerate(self.judged)]
@@ -403,7 +408,7 @@ class _Evaluation:
                 for due, record in self._arrive(self.judged[i], ts):
                     heapq.heappush(queue, (due, self.DECIDE, i, record))
             else:
-                self.tracker.record(self.judged[i].node, outcome, ts, _ttfb_for(self.judged[i], outcome))
+                self.tracker.record(self.judged[i].node, outcome, ts)
         self.tracker.advance(self.end + self.profile.health_check.interval)  # close the last interval
 
     def _arrive(self, j: JudgedAttempt, ts: float) -> list[tuple[float, Outcome]]:
@@ -428,7 +433,7 @@ class _Evaluation:
                 self.unobserved += 1
 
     def report(self) -> Report:
-        events = [e.to_dict() for e in self.tracker.take_events()]
+        events = [e.to_dict() for e in self.events]
         nodes = [self._node_report(n, events) for n in self.order]
         approximated = sum(1 for j in self.judged if j.attempt.ttfb_approximated)
         notes = [f"{approximated} {TTFB_APPROXIMATION_NOTE}"] if approximated else []
@@ -439,12 +444,17 @@ class _Evaluation:
         requests = len({j.attempt.request_id for j in self.judged})
         return Report(self.profile, self.start, self.end, nodes, self.judged, events, requests, self.unobserved, notes)
 
-    def _node_report(self, node: Node, events: list[dict]) -> NodeReport:
+    def _history(self, node: NodeId) -> list[IntervalRate]:
+        monitor = self.tracker.monitors[node]
+        assert isinstance(monitor, _HistoryMonitor)
+        return monitor.history
+
+    def _node_report(self, node: NodeId, events: list[dict]) -> NodeReport:
         mine = [j for j in self.judged if j.node == node]
         fed = [j for j in mine if j.fate == "fed"]
         report = NodeReport(node, attempts=len(mine), fed=len(fed), moved=len(mine) - len(fed),
                             became_timeouts=sum(j.verdict.became_timeout for j in fed),
-                            intervals=self.tracker.monitors[node].history)
+                            intervals=self._history(node))
         for j in fed:
             report.outcomes[j.verdict.outcome.value] += 1
             if j.verdict.cut_at is not None:
@@ -452,10 +462,6 @@ class _Evaluation:
         report.ejections = [Ejection(e["ts"], e["ts"] + e["duration_s"], e["k"], e["failure_rate"]) for e in events
                             if e["action"] == "eject" and (e["upstream"], e["node"]) == (node.upstream, node.url)]
         return report
-
-
-def _ttfb_for(j: JudgedAttempt, outcome: Outcome) -> float | None:
-    return j.attempt.ttfb_s if outcome is Outcome.OK else None
 
 
 def _upstream_of(attempt: RecordedAttempt, profile: Profile) -> Upstream:
@@ -466,7 +472,7 @@ def _upstream_of(attempt: RecordedAttempt, profile: Profile) -> Upstream:
     return (both or by_url or by_name or [profile.upstreams[0]])[0]
 
 
-def _node_order(profile: Profile, seen: Iterable[Node]) -> tuple[list[Node], list[str]]:
+def _node_order(profile: Profile, seen: Iterable[NodeId]) -> tuple[list[NodeId], list[str]]:
     """The evaluation's nodes in candidate order (upstream by upstream), and notes on stand-ins.
 
     An upstream's nodes are its profile nodes plus the recording's other nodes of it; but when none of
@@ -477,7 +483,7 @@ def _node_order(profile: Profile, seen: Iterable[Node]) -> tuple[list[Node], lis
     order, notes = [], []
     for upstream in profile.upstreams:
         recorded = [n for n in seen if n.upstream == upstream.name]
-        listed = [Node(upstream.name, url) for url in upstream.nodes]
+        listed = [NodeId(upstream.name, url) for url in upstream.nodes]
         if recorded and not set(recorded) & set(listed):
             notes.append(f"{upstream.name}: the recorded nodes {', '.join(n.url for n in recorded)} stand in for "
                          f"the profile's {', '.join(upstream.nodes)}")

@@ -80,7 +80,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from llmha.httpserver import HttpServer, Request, Responder
+from llmha.proxy.httpserver import HttpServer, Request, Responder
 
 LOG = logging.getLogger("llmsim")
 HOST = "127.0.0.1"

@@ -1,11 +1,12 @@
 """Passive health checking: failure-rate ejection with the k multiplier.
 
-Modelled on Envoy's outlier detector: a `HealthTracker` (the detector) owns one `NodeMonitor` per
-upstream node. Nothing here reads a clock or does I/O: every call takes `now` (unix seconds), so
-tests drive time exactly and a recording can be replayed on its own timestamps.
+Modelled on Envoy's outlier detection: the `OutlierDetector` owns one `NodeMonitor` per node and the
+interval clock, and reports every state change through a callback. Nothing here reads a clock or
+does I/O: every call takes `now` (unix seconds), so tests drive time exactly and a recording can be
+replayed on its own timestamps. Latency statistics live beside it (`latency.py`), not in it.
 
 The rules, per node:
-- attempt outcomes are counted per interval; intervals are aligned to the tracker's start;
+- attempt outcomes are counted per interval; intervals are aligned to the detector's start;
 - at each interval boundary a node that is in rotation, with at least `min_requests` finished
   attempts and a failure rate >= `failure_rate_threshold` percent, is ejected for
   `min(k * base_ejection_time, max_ejection_time)`;
@@ -20,40 +21,11 @@ The rules, per node:
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 
 from .profile import HealthCheck
-
-TTFB_WINDOW_S = 60.0
-TTFB_SAMPLES_KEPT = 4096
-
-
-class Outcome(StrEnum):
-    OK = "ok"
-    CLIENT_ERROR = "client_error"  # a 4xx other than 429: the client's problem, returned as is
-    TIMEOUT = "timeout"
-    CONNECT_ERROR = "connect_error"
-    RESET = "reset"  # the connection broke before the first byte
-    HTTP_ERROR = "http_error"  # 5xx
-    RATE_LIMITED = "rate_limited"  # 429
-    IN_BAND_ERROR = "in_band_error"  # the first SSE event is an error object
-    STREAM_CUT = "stream_cut"  # the stream broke after the client got bytes: not retried
-
-    @property
-    def failed(self) -> bool:
-        return self not in (Outcome.OK, Outcome.CLIENT_ERROR)
-
-
-@dataclass(frozen=True, order=True)
-class Node:
-    upstream: str
-    url: str
-
-    def __str__(self) -> str:
-        return f"{self.upstream} {self.url}"
+from .types import NodeId, Outcome
 
 
 @dataclass(frozen=True)
@@ -70,10 +42,13 @@ class HealthEvent:
         return asdict(self)
 
 
-class NodeMonitor:
-    """One node's counters and ejection state."""
+HealthListener = Callable[[HealthEvent], None]
 
-    def __init__(self, node: Node, config: HealthCheck, now: float) -> None:
+
+class NodeMonitor:
+    """One node's outcome counts for the current interval and its ejection state."""
+
+    def __init__(self, node: NodeId, config: HealthCheck, now: float) -> None:
         self.node = node
         self.config = config
         self.next_k = 1
@@ -87,8 +62,6 @@ class NodeMonitor:
         self.last_interval_requests = 0
         self.requests = 0
         self.failures = 0
-        self.inflight = 0
-        self.ttfb_samples: deque[tuple[float, float]] = deque(maxlen=TTFB_SAMPLES_KEPT)
 
     def is_ejected(self, now: float) -> bool:
         return self.ejected_until is not None and now < self.ejected_until
@@ -98,14 +71,12 @@ class NodeMonitor:
         """The current ejection's multiplier while ejected, else the next ejection's."""
         return self.ejection_k if self.ejected_until is not None else self.next_k
 
-    def record(self, outcome: Outcome, now: float, ttfb: float | None) -> None:
+    def record(self, outcome: Outcome) -> None:
         self.requests += 1
         self.bucket_total += 1
         if outcome.failed:
             self.failures += 1
             self.bucket_failed += 1
-        if ttfb is not None:
-            self.ttfb_samples.append((now, ttfb))
 
     def close_interval(self, boundary: float) -> HealthEvent | None:
         total, failed = self.bucket_total, self.bucket_failed
@@ -150,40 +121,29 @@ class NodeMonitor:
         self.healthy_since = at
         return self._event(at, "uneject", k)
 
-    def ttfb_percentiles(self, now: float) -> tuple[float | None, float | None]:
-        recent = sorted(t for ts, t in self.ttfb_samples if now - ts <= TTFB_WINDOW_S)
-        if not recent:
-            return None, None
-        return _percentile(recent, 50), _percentile(recent, 95)
-
-    def ttfb_history(self, now: float, seconds: int = 60) -> list[float | None]:
-        """Median TTFB (ms) per second over the last `seconds`, oldest first."""
-        per_second: list[list[float]] = [[] for _ in range(seconds)]
-        for ts, ttfb in self.ttfb_samples:
-            age = int(now - ts)
-            if 0 <= age < seconds:
-                per_second[seconds - 1 - age].append(ttfb)
-        return [round(_percentile(sorted(s), 50) * 1000, 1) if s else None for s in per_second]
-
     def _event(self, ts: float, action: str, k: int, duration: float | None = None,
                failure_rate: float | None = None) -> HealthEvent:
         return HealthEvent(ts=ts, action=action, upstream=self.node.upstream, node=self.node.url, k=k,
                            duration_s=duration, failure_rate=failure_rate)
 
 
-class HealthTracker:
-    """The detector: every node's monitor, the interval clock, and the events they produce."""
+class OutlierDetector:
+    """Every node's monitor, the interval clock, and the state changes, reported to `listener`."""
 
-    def __init__(self, config: HealthCheck, nodes: Iterable[Node], now: float) -> None:
+    def __init__(self, config: HealthCheck, nodes: Iterable[NodeId], now: float,
+                 listener: HealthListener | None = None) -> None:
         self.config = config
         self.started = now
-        self.monitors: dict[Node, NodeMonitor] = {n: NodeMonitor(n, config, now) for n in nodes}
+        self.monitors: dict[NodeId, NodeMonitor] = {n: self.new_monitor(n, now) for n in nodes}
+        self.listener = listener
         self._intervals_closed = 0
         self._recorded_since_close = False
-        self._events: list[HealthEvent] = []
+
+    def new_monitor(self, node: NodeId, now: float) -> NodeMonitor:
+        return NodeMonitor(node, self.config, now)
 
     @property
-    def nodes(self) -> list[Node]:
+    def nodes(self) -> list[NodeId]:
         return list(self.monitors)
 
     def advance(self, now: float) -> None:
@@ -194,75 +154,44 @@ class HealthTracker:
             timer = monitor.next_timer() if monitor else math.inf
             if min(boundary, timer) > now:
                 return
-            if timer <= boundary:
-                self._events.append(monitor.fire_timer(timer))
+            if monitor is not None and timer <= boundary:
+                self._report(monitor.fire_timer(timer))
             elif self._recorded_since_close:
                 self._close_interval(boundary)
             else:
                 self._skip_empty_intervals(min(now, timer))
 
-    def record(self, node: Node, outcome: Outcome, now: float, ttfb: float | None = None) -> None:
+    def record(self, node: NodeId, outcome: Outcome, now: float) -> None:
         self.advance(now)
-        self.monitors[node].record(outcome, now, ttfb)
+        self.monitors[node].record(outcome)
         self._recorded_since_close = True
 
-    def attempt_started(self, node: Node) -> None:
-        self.monitors[node].inflight += 1
-
-    def attempt_ended(self, node: Node) -> None:
-        monitor = self.monitors[node]
-        monitor.inflight = max(0, monitor.inflight - 1)
-
-    def is_available(self, node: Node, now: float) -> bool:
+    def is_available(self, node: NodeId, now: float) -> bool:
         self.advance(now)
         return not self.monitors[node].is_ejected(now)
 
-    def eject(self, node: Node, now: float) -> None:
+    def eject(self, node: NodeId, now: float) -> None:
         """Eject by hand (as if it had failed), unless already ejected."""
         self.advance(now)
         monitor = self.monitors[node]
         if not monitor.is_ejected(now):
-            self._events.append(monitor.eject(now, None))
+            self._report(monitor.eject(now, None))
 
-    def restore(self, node: Node, now: float) -> None:
+    def restore(self, node: NodeId, now: float) -> None:
         """End a node's ejection now; k stays as it is."""
         self.advance(now)
         monitor = self.monitors[node]
         if monitor.is_ejected(now):
-            self._events.append(monitor.uneject(now))
+            self._report(monitor.uneject(now))
 
     def reset(self, now: float) -> None:
         """Forget every node's history: all in rotation, k = 1."""
         self.advance(now)
-        for node, old in self.monitors.items():
-            fresh = NodeMonitor(node, self.config, now)
-            fresh.inflight = old.inflight
-            self.monitors[node] = fresh
+        self.monitors = {node: self.new_monitor(node, now) for node in self.monitors}
 
-    def take_events(self) -> list[HealthEvent]:
-        events, self._events = self._events, []
-        return events
-
-    def snapshot(self, node: Node, now: float) -> dict:
-        self.advance(now)
-        m = self.monitors[node]
-        p50, p95 = m.ttfb_percentiles(now)
-        ejected = m.is_ejected(now)
-        return {
-            "url": node.url,
-            "state": "ejected" if ejected else "healthy",
-            "k": m.k,
-            "ejections": m.ejections,
-            "ejected_remaining_s": round(m.ejected_until - now, 3) if ejected else 0.0,
-            "failure_rate": round(m.last_failure_rate, 2),
-            "requests": m.requests,
-            "inflight": m.inflight,
-            "ttfb_p50_ms": None if p50 is None else round(p50 * 1000, 1),
-            "ttfb_p95_ms": None if p95 is None else round(p95 * 1000, 1),
-            "failures": m.failures,
-            "requests_per_s": round(m.last_interval_requests / self.config.interval, 2),
-            "ttfb_history_ms": m.ttfb_history(now),
-        }
+    def _report(self, event: HealthEvent) -> None:
+        if self.listener:
+            self.listener(event)
 
     def _next_boundary(self) -> float:
         return self.started + (self._intervals_closed + 1) * self.config.interval
@@ -273,7 +202,7 @@ class HealthTracker:
         for monitor in self.monitors.values():
             event = monitor.close_interval(boundary)
             if event:
-                self._events.append(event)
+                self._report(event)
 
     def _skip_empty_intervals(self, until: float) -> None:
         """Intervals with no attempts eject nobody: close them all at once (replays can have long gaps)."""
@@ -282,9 +211,3 @@ class HealthTracker:
             monitor.last_failure_rate = 0.0
         elapsed = math.floor((until - self.started) / self.config.interval + 1e-9)
         self._intervals_closed = max(self._intervals_closed + 1, elapsed)
-
-
-def _percentile(sorted_values: list[float], pct: float) -> float:
-    rank = (len(sorted_values) - 1) * pct / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)

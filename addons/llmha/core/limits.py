@@ -1,8 +1,9 @@
 """Concurrency limits per node: a fixed cap, a limit learned from time to first byte, slow start.
 
-Ejection reacts after failures; a limit keeps a node from being overloaded at all. A request that
-would take a node past its limit goes to the next candidate at once (it is "shed": counted, but not a
-failure of the node), so the primary never queues more work than it can start promptly.
+Ejection reacts after failures; a limit keeps a node from being overloaded at all. A node at its limit
+refuses the lease of a new attempt (`nodes.py`), and the request goes to the next candidate at once (it is
+"shed": counted, but not a failure of the node), so the primary never queues more work than it can
+start promptly.
 
 The adaptive limit is a gradient limiter in the family of Netflix's concurrency-limits `Gradient2`
 and Envoy's adaptive-concurrency filter (https://github.com/Netflix/concurrency-limits,
@@ -34,7 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .health import Node, Outcome
+from .profile import Upstream
+from .types import Outcome
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ class LimitSettings:
     tolerance: float = 2.0
     smoothing: float = 0.2
 
+    @classmethod
+    def of(cls, upstream: Upstream) -> LimitSettings:
+        return cls(upstream.max_inflight, upstream.adaptive, upstream.min_inflight, upstream.slow_start)
+
 
 class NodeLimiter:
     def __init__(self, settings: LimitSettings) -> None:
@@ -56,7 +62,6 @@ class NodeLimiter:
         self.smoothed: float | None = None
         self.samples = 0
         self.returned_at: float | None = None
-        self.shed = 0
 
     def limit(self, now: float) -> int | None:
         """The number of attempts this node may have in flight now; None: unlimited."""
@@ -106,28 +111,3 @@ class NodeLimiter:
         s = self.settings
         top = s.max_inflight if s.max_inflight is not None else math.inf
         self.learned = min(top, max(float(s.min_inflight), value))
-
-
-class LimitTracker:
-    """Every node's limiter."""
-
-    def __init__(self, settings_by_node: dict[Node, LimitSettings]) -> None:
-        self.limiters = {node: NodeLimiter(s) for node, s in settings_by_node.items()}
-
-    def has_room(self, node: Node, inflight: int, now: float) -> bool:
-        limit = self.limiters[node].limit(now)
-        return limit is None or inflight < limit
-
-    def shed(self, node: Node) -> None:
-        self.limiters[node].shed += 1
-
-    def observe(self, node: Node, outcome: Outcome, ttfb: float | None, timeout: float | None,
-                inflight: int, streamed: bool = True) -> None:
-        self.limiters[node].observe(outcome, ttfb, timeout, inflight, streamed)
-
-    def returned(self, node: Node, at: float) -> None:
-        self.limiters[node].returned(at)
-
-    def status(self, node: Node, now: float) -> dict:
-        limiter = self.limiters[node]
-        return {"limit": limiter.limit(now), "shed": limiter.shed}

@@ -6,7 +6,8 @@ mitmproxy fetches it like any upstream and streams it to the client chunk by chu
 URL is put back in `responseheaders`, so what is shown and recorded is the client's request.
 
 A token not fetched within `claim_timeout` (the flow was killed, the client left) is dropped and its
-upstream stream closed, so nothing leaks.
+upstream stream closed, so nothing leaks. However a stream ends, its attempt's lease is released once,
+with the outcome: OK, STREAM_CUT when the upstream broke, CANCELLED when the client left.
 """
 
 from __future__ import annotations
@@ -15,28 +16,17 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 
+from ..core.types import Outcome
 from .gate import OpenStream
-from .health import Outcome
 from .httpserver import HttpServer, Request, Responder
 
 logger = logging.getLogger(__name__)
 
 PATH_PREFIX = "/llm-ha/handoff/"
-
-
-@dataclass
-class StreamEnd:
-    """How a handed-off stream ended: `outcome` is OK, or STREAM_CUT when the upstream broke."""
-
-    stream: OpenStream
-    outcome: Outcome
-    client_left: bool
 
 
 @dataclass
@@ -47,8 +37,7 @@ class _Pending:
 
 
 class HandoffServer:
-    def __init__(self, on_end: Callable[[StreamEnd], None], claim_timeout: float = 30.0) -> None:
-        self.on_end = on_end
+    def __init__(self, claim_timeout: float = 30.0) -> None:
         self.claim_timeout = claim_timeout
         self._pending: dict[str, _Pending] = {}
         self._server = HttpServer(self._serve)
@@ -100,8 +89,7 @@ class HandoffServer:
         if pending is None:
             return
         pending.expiry.cancel()
-        await pending.stream.aclose()
-        self._finish(pending.stream, Outcome.OK, client_left=True)
+        await pending.stream.close(Outcome.CANCELLED)
 
     async def _serve(self, request: Request, responder: Responder) -> None:
         pending = self._pending.pop(request.path.removeprefix(PATH_PREFIX), None)
@@ -116,6 +104,7 @@ class HandoffServer:
             await self._deliver(pending, responder)
         finally:
             self.active -= 1
+            await pending.stream.close(Outcome.CANCELLED)  # a no-op unless _deliver was interrupted
 
     async def _deliver(self, pending: _Pending, responder: Responder) -> None:
         stream = pending.stream
@@ -124,31 +113,23 @@ class HandoffServer:
         left = asyncio.create_task(responder.disconnected.wait())
         await asyncio.wait({pump, left}, return_when=asyncio.FIRST_COMPLETED)
         left.cancel()
-        client_left = not pump.done()
-        if client_left:
+        if pump.done():
+            outcome = pump.result()
+        else:  # the client left
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-            outcome = Outcome.OK
-        else:
-            outcome, client_left = pump.result()
-        await stream.aclose()
-        self._finish(stream, outcome, client_left)
+            outcome = Outcome.CANCELLED
+        await stream.close(outcome)
 
-    async def _pump(self, stream: OpenStream, responder: Responder) -> tuple[Outcome, bool]:
+    async def _pump(self, stream: OpenStream, responder: Responder) -> Outcome:
         try:
             async for chunk in stream.chunks():
                 await responder.send(chunk)
         except ConnectionError:
-            return Outcome.OK, True
+            return Outcome.CANCELLED
         except (httpx.HTTPError, OSError) as e:
             logger.info(f"llm-ha: {stream.record.upstream} {stream.record.node} cut its stream: {type(e).__name__}")
             responder.abort()  # the client must see a broken stream, not a clean end
-            return Outcome.STREAM_CUT, False
-        return Outcome.OK, False
-
-    def _finish(self, stream: OpenStream, outcome: Outcome, client_left: bool) -> None:
-        stream.record.duration_s = time.monotonic() - stream.started_monotonic
-        if outcome is Outcome.STREAM_CUT:
-            stream.record.outcome = outcome.value
-        self.on_end(StreamEnd(stream, outcome, client_left))
+            return Outcome.STREAM_CUT
+        return Outcome.OK

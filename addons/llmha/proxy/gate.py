@@ -1,11 +1,16 @@
 """The failover gate: try candidates in order until one answers in time, before the client sees a byte.
 
+For each candidate the gate first takes a lease on the node (`core/nodes.py`); a node at its limit
+refuses it and the next candidate is asked (a "shed", not an attempt). If every candidate refuses,
+the request is not failed: they are asked again past their limits, in the same order (queueing
+somewhere beats failing). Without `transparent_failover` a request makes at most one attempt.
+
 An attempt fails on a connection error, a reset before the first byte, a late first token (streaming:
 no SSE data event within `first_byte_timeout`; otherwise: no complete answer within
 `request_timeout`), HTTP 5xx or 429, or a first SSE event that is an error object. A failed attempt
 is closed at once, so an overloaded server can drop the work, and the next candidate is tried. A
-streaming attempt that passes leaves the gate as an `OpenStream`, its first event already read;
-anything else leaves as a `CompleteAnswer`.
+streaming attempt that passes leaves the gate as an `OpenStream` holding its lease, its first event
+already read; anything else leaves as a `CompleteAnswer`, its lease released.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 
-from .candidates import Candidate
-from .health import HealthTracker, Outcome
-from .limits import LimitTracker
-from .sse import error_in, event_data, split_events
+from ..core.candidates import Candidate
+from ..core.nodes import Lease, Leases
+from ..core.sse import error_in, event_data, split_events
+from ..core.types import AttemptRecord, Outcome, describe_attempt, status_outcome
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
               "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
@@ -55,21 +60,6 @@ class LlmRequest:
 
 
 @dataclass
-class AttemptRecord:
-    upstream: str
-    node: str
-    start: float
-    outcome: str = ""
-    status: int | None = None
-    ttfb_s: float | None = None
-    duration_s: float | None = None
-    timeout_s: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class CompleteAnswer:
     status: int
     headers: list[tuple[str, str]]
@@ -78,16 +68,22 @@ class CompleteAnswer:
 
 @dataclass
 class OpenStream:
-    """A streaming answer that passed the gate; `chunks()` yields it from its first byte on."""
+    """A streaming answer that passed the gate; `chunks()` yields it from its first byte on.
+
+    It holds its attempt's lease until `close` releases it with the stream's outcome.
+    """
 
     status: int
     headers: list[tuple[str, str]]
     candidate: Candidate
     record: AttemptRecord
+    lease: Lease
     response: httpx.Response
     head: list[bytes]
     rest: AsyncIterator[bytes]
     started_monotonic: float
+    clock: Callable[[], float] = time.time
+    released: bool = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         for chunk in self.head:
@@ -95,7 +91,14 @@ class OpenStream:
         async for chunk in self.rest:
             yield chunk
 
-    async def aclose(self) -> None:
+    async def close(self, outcome: Outcome) -> None:
+        """End the attempt: release the lease (once) with `outcome`, then close the upstream response."""
+        if not self.released:
+            self.released = True
+            self.record.duration_s = time.monotonic() - self.started_monotonic
+            if outcome.failed:
+                self.record.outcome = outcome.value
+            self.lease.release(outcome, self.clock())
         await self.response.aclose()
 
 
@@ -120,28 +123,39 @@ FailoverListener = Callable[[Candidate, Candidate, AttemptRecord], None]
 
 
 class Gate:
-    def __init__(self, tracker: HealthTracker, limits: LimitTracker, client: httpx.AsyncClient,
-                 clock: Callable[[], float] = time.time, on_failover: FailoverListener | None = None) -> None:
-        self.tracker = tracker
-        self.limits = limits
+    def __init__(self, leases: Leases, client: httpx.AsyncClient, clock: Callable[[], float] = time.time,
+                 on_failover: FailoverListener | None = None, max_attempts: int | None = None) -> None:
+        self.leases = leases
         self.client = client
         self.clock = clock
         self.on_failover = on_failover
+        self.max_attempts = max_attempts  # None: as many as there are candidates
 
     async def run(self, request: LlmRequest, candidates: list[Candidate]) -> GateResult:
         result = GateResult()
-        for i, candidate in enumerate(candidates):
-            record, outcome = await self._attempt(request, candidate, result)
-            result.attempts.append(record)
-            if not outcome.failed:
-                result.winner = candidate
-                return result
-            if i + 1 < len(candidates) and self.on_failover:
-                self.on_failover(candidate, candidates[i + 1], record)
+        failed: tuple[Candidate, AttemptRecord] | None = None
+        for over_limit in (False, True):
+            for candidate in candidates:
+                if self.max_attempts is not None and len(result.attempts) >= self.max_attempts:
+                    break
+                lease = await self.leases.acquire(candidate.node, self.clock(), streamed=request.stream,
+                                                  over_limit=over_limit)
+                if lease is None:
+                    continue
+                if failed and self.on_failover:
+                    self.on_failover(failed[0], candidate, failed[1])
+                record, outcome = await self._attempt(request, candidate, lease, result)
+                result.attempts.append(record)
+                if not outcome.failed:
+                    result.winner = candidate
+                    return result
+                failed = (candidate, record)
+            if result.attempts:
+                break  # someone had room: the past-the-limit pass is only for when nobody had
         result.answer = failure_answer(result.attempts)
         return result
 
-    async def _attempt(self, request: LlmRequest, candidate: Candidate,
+    async def _attempt(self, request: LlmRequest, candidate: Candidate, lease: Lease,
                        result: GateResult) -> tuple[AttemptRecord, Outcome]:
         upstream, node = candidate.upstream, candidate.node
         limit = upstream.first_byte_timeout if request.stream else upstream.request_timeout
@@ -153,9 +167,8 @@ class Gate:
             content=request.body_for(upstream.model),
             timeout=httpx.Timeout(upstream.request_timeout),
         )
-        self.tracker.attempt_started(node)
         response: httpx.Response | None = None
-        keep_open = False
+        outcome = Outcome.CANCELLED  # until known: an exception or cancellation is not the node's fault
         try:
             async with asyncio.timeout(limit):
                 response = await self.client.send(http_request, stream=True)
@@ -166,12 +179,16 @@ class Gate:
                 if outcome.failed:
                     raise _AttemptFailed(outcome)
                 if request.stream and response.status_code < 300:
-                    keep_open = await self._open_stream(response, candidate, record, started, result)
+                    opened = await self._open_stream(response, candidate, lease, record, started)
                 else:
                     body = b"".join([chunk async for chunk in response.aiter_raw()])
-                    result.answer = CompleteAnswer(response.status_code, response_headers(response), body)
-        except _AttemptFailed as failed:
-            outcome = failed.outcome
+                    opened = CompleteAnswer(response.status_code, response_headers(response), body)
+                if isinstance(opened, OpenStream):
+                    result.stream = opened
+                else:
+                    result.answer = opened
+        except _AttemptFailed as failure:
+            outcome = failure.outcome
         except TimeoutError:
             outcome = Outcome.TIMEOUT
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
@@ -179,20 +196,19 @@ class Gate:
         except (httpx.HTTPError, OSError):
             outcome = Outcome.RESET
         finally:
-            if response is not None and not keep_open:
-                await response.aclose()
-        record.outcome = outcome.value
-        if not keep_open:
-            record.duration_s = time.monotonic() - started
-            self.tracker.attempt_ended(node)
-        self.tracker.record(node, outcome, self.clock(), record.ttfb_s)
-        self.limits.observe(node, outcome, record.ttfb_s, upstream.first_byte_timeout,
-                            self.tracker.monitors[node].inflight, streamed=request.stream)
+            record.outcome = outcome.value
+            if result.stream is not None and result.stream.lease is lease:
+                lease.first_byte(record.ttfb_s, self.clock())
+            else:
+                record.duration_s = time.monotonic() - started
+                lease.release(outcome, self.clock(), record.ttfb_s)
+                if response is not None:
+                    await response.aclose()
         return record, outcome
 
-    async def _open_stream(self, response: httpx.Response, candidate: Candidate, record: AttemptRecord,
-                           started: float, result: GateResult) -> bool:
-        """Read up to the first SSE data event. True: the stream passed and stays open."""
+    async def _open_stream(self, response: httpx.Response, candidate: Candidate, lease: Lease,
+                           record: AttemptRecord, started: float) -> OpenStream | CompleteAnswer:
+        """Read up to the first SSE data event: the stream that passed, or a whole answer without events."""
         rest = response.aiter_raw()
         head: list[bytes] = []
         buffer = b""
@@ -205,25 +221,12 @@ class Gate:
             if first is not None and error_in(first):
                 raise _AttemptFailed(Outcome.IN_BAND_ERROR)
             if first is not None or len(buffer) > MAX_FIRST_EVENT_BYTES:
-                result.stream = OpenStream(response.status_code, response_headers(response), candidate, record,
-                                           response, head, rest, started)
-                return True
+                return OpenStream(response.status_code, response_headers(response), candidate, record, lease,
+                                  response, head, rest, started, self.clock)
         if not head:
             raise _AttemptFailed(Outcome.RESET)
         # The server ended without an SSE event (it answered a stream request with plain JSON): pass it on.
-        result.answer = CompleteAnswer(response.status_code, response_headers(response), b"".join(head))
-        return False
-
-
-def status_outcome(status: int) -> Outcome:
-    """How llm-ha judges an HTTP status: 5xx and 429 fail the attempt; other 4xx are the client's."""
-    if status == 429:
-        return Outcome.RATE_LIMITED
-    if status >= 500:
-        return Outcome.HTTP_ERROR
-    if status >= 400:
-        return Outcome.CLIENT_ERROR
-    return Outcome.OK
+        return CompleteAnswer(response.status_code, response_headers(response), b"".join(head))
 
 
 def upstream_headers(client_headers: list[tuple[str, str]], candidate: Candidate) -> list[tuple[str, str]]:
@@ -282,15 +285,3 @@ def internal_error_answer() -> CompleteAnswer:
     body = {"error": {"message": "llm-ha: internal error, see the proxy's log", "type": "internal_error",
                       "code": "llm_ha_internal_error"}}
     return CompleteAnswer(502, [("content-type", "application/json")], json.dumps(body).encode())
-
-
-def describe_attempt(a: AttemptRecord | dict) -> str:
-    """`primary timeout 200ms`, `fallback ok 83ms`, `primary http_error 500`: for comments and errors."""
-    a = a if isinstance(a, dict) else a.to_dict()
-    if a["outcome"] == Outcome.TIMEOUT:
-        detail = f"{a['timeout_s'] * 1000:.0f}ms" if a.get("timeout_s") else ""
-    elif a["outcome"] in (Outcome.OK, Outcome.STREAM_CUT) and a.get("ttfb_s") is not None:
-        detail = f"{a['ttfb_s'] * 1000:.0f}ms"
-    else:
-        detail = str(a["status"]) if a.get("status") else ""
-    return " ".join(p for p in (a["upstream"], a["outcome"], detail) if p)

@@ -1,0 +1,61 @@
+"""The status addon: serves `GET /status` and `GET /metrics` on `llm_ha_status` (HOST:PORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import ctx, exceptions
+
+from ..core.status import parse_listen_address
+from ..statusserver import StatusServer
+from .runtime import RuntimeLoader
+
+logger = logging.getLogger("llm_ha")
+
+
+class StatusAddon:
+    def __init__(self, loader: RuntimeLoader) -> None:
+        self.loader = loader
+        self.server: StatusServer | None = None
+        self._running = False
+
+    def load(self, loader) -> None:
+        loader.add_option("llm_ha_status", str, "",
+                          "llm-ha: HOST:PORT to serve GET /status and GET /metrics; keep it on loopback.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "llm_ha_status" not in updated:
+            return
+        if ctx.options.llm_ha_status:
+            try:
+                parse_listen_address(ctx.options.llm_ha_status)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+        if self._running:
+            asyncio.ensure_future(self._restart())
+
+    async def running(self) -> None:
+        self._running = True
+        await self._restart()
+
+    def done(self) -> None:
+        if self.server:
+            asyncio.ensure_future(self.server.stop())
+            self.server = None
+
+    async def _restart(self) -> None:
+        if self.server:
+            await self.server.stop()
+            self.server = None
+        if not ctx.options.llm_ha_status:
+            return
+        host, port = parse_listen_address(ctx.options.llm_ha_status)
+        server = StatusServer(self.loader.status, host, port)
+        try:
+            await server.start()
+        except OSError as e:
+            logger.error(f"llm-ha: cannot serve status on {ctx.options.llm_ha_status}: {e.strerror or e}")
+            return
+        self.server = server
+        logger.info(f"llm-ha: status at {server.url}/status and {server.url}/metrics")
