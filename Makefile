@@ -17,21 +17,21 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m llmsim.demo
+	$(PY) -m llmbench.demo
 
 bench-overhead: $(STAMP)
-	$(PY) -m llmsim.bench_overhead
+	$(PY) -m llmbench.bench_overhead
 
 bench-spike: $(STAMP)
-	$(PY) -m llmsim.bench_spike
+	$(PY) -m llmbench.bench_spike
 
 # The gateways bench-peers compares with: nginx (Debian's package, needs root) and the LiteLLM proxy in
-# its own .venv-litellm. The smoke test installs them on demand too, or skips with the reason.
+# its own .venv-litellm. The tests never install them: without them the peers' smoke test skips.
 peers: $(STAMP)
-	$(PY) -m llmsim.peers --install-nginx --install-litellm
+	$(PY) -m llmbench.peers --install-nginx --install-litellm
 
 bench-peers: peers
-	$(PY) -m llmsim.bench_peers
+	$(PY) -m llmbench.bench_peers
 
 clean:
-	rm -rf $(VENV) .venv-litellm .pytest_cache build *.egg-info addons/*.egg-info sim/*.egg-info
+	rm -rf $(VENV) .venv-litellm .pytest_cache build *.egg-info addons/*.egg-info sim/*.egg-info bench/*.egg-info

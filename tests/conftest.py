@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llmsim.proxy import start_mitmdump
-from llmsim.testing import free_port, start_simulator
+from llmbench.proxy import start_mitmdump
+from llmsim.control import free_port, start_simulator
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmsim.proxy import ADDON
-from llmsim.testing import free_port
-from terminal import Tmux
+from llmbench.proxy import ADDON
+from llmsim.control import free_port
+from support.terminal import Tmux
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not shutil.which("tmux"), reason="tmux is not installed")]
 

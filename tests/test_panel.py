@@ -36,7 +36,7 @@ from llmha.panel import (
     status_url,
 )
 
-from terminal import CHILD_ENV, Tmux
+from support.terminal import CHILD_ENV, Tmux
 
 NOW = 1764040000.0
 STATUS = {

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmsim.proxy import ADDON
-from terminal import Tmux
+from llmbench.proxy import ADDON
+from support.terminal import Tmux
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not shutil.which("tmux"), reason="tmux is not installed")]
 
@@ -16,7 +16,7 @@ MITMDUMP = Path(sys.executable).with_name("mitmdump")
 
 
 def test_panel_shows_the_ejected_node_and_k_with_log_lines_above(simulators, tmp_path, confdir):
-    from llmsim.testing import free_port
+    from llmsim.control import free_port
     primary = simulators("--no-physics")
     fallback = simulators("--preset", "fallback")
     profile = tmp_path / "panel.yaml"

@@ -1,10 +1,9 @@
-"""The bench-peers harness (llmsim.peers, llmsim.bench_peers), for a few seconds per gateway, so it cannot rot.
+"""The bench-peers harness (llmbench.peers, llmbench.bench_peers), for a few seconds per gateway, so it cannot rot.
 
 Each gateway is started for real in front of the two simulators, gets a few seconds of the spike load
 with the primary crashed mid-way, and is stopped; then the command line runs a quick benchmark and
-writes its table, CSV, JSON and PNG. A gateway that cannot be installed here is skipped with the
-reason (nginx: `apt-get install -y nginx` as root; LiteLLM: `python -m llmsim.peers --install-litellm`,
-which the test also does on demand, about a minute, unless LLM_HA_PEERS_NO_INSTALL=1).
+writes its table, CSV, JSON and PNG. The tests install nothing: a gateway not installed here is
+skipped with the reason (install both with `make peers`; nginx alone: `apt-get install -y nginx`).
 """
 
 from __future__ import annotations
@@ -17,26 +16,25 @@ import subprocess
 import pytest
 import yaml
 
+from llmbench import bench_peers, peers
+from llmbench.bench_peers import Row, is_truncated, run_spike, summarize_profile, table, targets
+from llmbench.scenario import REFERENCE, SpikeLoad
 from llmha.core.profile import parse_profile
-from llmsim import bench_peers, peers
-from llmsim.bench_peers import Row, is_truncated, run_spike, summarize_profile, table, targets
 from llmsim.loadgen import Record
-from llmsim.scenario import REFERENCE, SpikeLoad
 
 pytestmark = pytest.mark.e2e
 
-INSTALL = os.environ.get("LLM_HA_PEERS_NO_INSTALL", "") in ("", "0")
 TINY = SpikeLoad(steady_rate=2, spike_rate=14, before_s=1.5, spike_s=1.5, after_s=1.5, max_tokens=16)
 CRASH_AT = 1.0  # seconds into the load: the primary is serving, the spike is still to come
 
 
 def available(name: str) -> None:
-    """Skip, with the reason, when the peer cannot be installed here."""
+    """Skip, with the reason, when the peer is not installed here."""
     try:
         if name.startswith("nginx"):
-            peers.ensure_nginx(INSTALL)
+            peers.ensure_nginx(install=False)
         elif name == "litellm":
-            peers.ensure_litellm(INSTALL)
+            peers.ensure_litellm(install=False)
     except peers.PeerUnavailable as exc:
         pytest.skip(f"{name} is not available here: {exc}")
 
@@ -95,12 +93,12 @@ def test_report_pieces():
 
 # -- each gateway for real
 
-@pytest.mark.timeout(900)  # LiteLLM's venv may be created on demand (about a minute)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["llm-ha", "mitmdump", "nginx-1s", "litellm"])  # nginx 200ms cuts every stream
 def test_gateway_survives_a_crash_of_the_primary(name, tmp_path, confdir):
     available(name)
     row = run_spike(name, "primary-dies", load=TINY, crash_at=CRASH_AT, out_dir=tmp_path, confdir=confdir,
-                    install=INSTALL)
+                    install=False)
     assert row.error is None, row.error
     assert row.requests >= 10 and row.forced_crashes == 1 and row.primary_down_s > 0
     assert row.peak_rss_mib > 1 and row.cpu_s_per_1000 > 0
@@ -114,12 +112,12 @@ def test_gateway_survives_a_crash_of_the_primary(name, tmp_path, confdir):
     assert not peers._LIVE and not leftover_children()
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(300)
 def test_bench_peers_command_writes_its_table_and_files(tmp_path, capsys):
     available("litellm")
     out = tmp_path / "out"
     bench_peers.main(["--quick", "--peers", "llm-ha,litellm", "--scenarios", "spike", "--requests", "5",
-                      "--no-profile", "--out", str(out)] + ([] if INSTALL else ["--no-install"]))
+                      "--no-profile", "--no-install", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "bench-peers" in printed and "LiteLLM" in printed and "healthy, no spike" in printed
     with open(out / "results.csv") as f:

@@ -25,8 +25,8 @@ from llmha.replay import (
     PNG_NEEDS_MATPLOTLIB, RecordedAttempt, ReplayError, attempts_from_flow, evaluate, judge, read_attempts,
     render_table, write_timeline_png,
 )
-from llmsim.proxy import ADDON, REPO, mitmdump_command
-from llmsim.testing import free_port
+from llmbench.proxy import ADDON, REPO, mitmdump_command
+from llmsim.control import free_port
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE = DATA / "sample-recording.flows"

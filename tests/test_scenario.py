@@ -6,12 +6,12 @@ import csv
 
 import pytest
 
+from llmbench.bench_spike import build_table, row_values, verdicts, write_csv
+from llmbench.scenario import (VARIANTS, RunResult, SpikeLoad, describe_scale, down_periods, ejection_periods,
+                               estimated_capacity, primary_possible, profile_text, run_scenario, served_by,
+                               summarize_run)
 from llmha.core.profile import load_profile
-from llmsim.bench_spike import build_table, row_values, verdicts, write_csv
 from llmsim.loadgen import Record
-from llmsim.scenario import (VARIANTS, RunResult, SpikeLoad, describe_scale, down_periods, ejection_periods,
-                             estimated_capacity, primary_possible, profile_text, run_scenario, served_by,
-                             summarize_run)
 
 T0 = 1_000_000.0
 
@@ -170,7 +170,7 @@ def test_bench_rows_csv_and_verdicts(tmp_path):
 
 def test_timeline_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from llmsim.timeline import per_second, write_timeline
+    from llmbench.timeline import per_second, write_timeline
 
     path = write_timeline(synthetic_result(), tmp_path / "deep" / "timeline.png")
     data = path.read_bytes()
@@ -184,7 +184,7 @@ def test_timeline_png(tmp_path):
 def test_timeline_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     import sys
 
-    from llmsim.timeline import PlotUnavailable, write_timeline
+    from llmbench.timeline import PlotUnavailable, write_timeline
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PlotUnavailable, match=r"pip install -e '\.\[plot\]'"):
@@ -219,7 +219,7 @@ def test_the_spike_crashes_the_bare_primary_and_llm_ha_serves_every_request(tmp_
 def test_demo_summary_table_shows_the_figures():
     from rich.console import Console
 
-    from llmsim.demo import summary_table
+    from llmbench.demo import summary_table
 
     console = Console(record=True, width=140)
     console.print(summary_table(summarize_run(synthetic_result())))

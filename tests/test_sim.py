@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from llmsim.loadgen import Phase, arrival_schedule, parse_phases, read_records, run_load, summarize
-from llmsim.testing import SimulatorError, start_simulator
+from llmsim.control import SimulatorError, start_simulator
 
 pytestmark = pytest.mark.e2e
 

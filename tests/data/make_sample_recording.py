@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from llmsim.proxy import start_mitmdump
-from llmsim.testing import start_simulator
+from llmbench.proxy import start_mitmdump
+from llmsim.control import start_simulator
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "sample-recording.flows"

@@ -6,7 +6,7 @@ client: straight to the upstream, through mitmdump without the addon (mitmproxy'
 through mitmdump with llm-ha. Prints time to first token and total time (median, p95) and the
 ratios to the direct run, and the proxy's CPU seconds per 1000 requests.
 
-    python -m llmsim.bench_overhead [--requests 300] [--concurrency 1] [--panel]
+    python -m llmbench.bench_overhead [--requests 300] [--concurrency 1] [--panel]
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import openai
 from rich.console import Console
 from rich.table import Table
 
+from llmsim.control import start_simulator
+
 from .peers import cpu_seconds
 from .proxy import start_mitmdump
-from .testing import start_simulator
 
 PROFILE = """
 first_byte_timeout: 2s

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .testing import free_port, poll_until, terminate
+from llmsim.control import free_port, poll_until, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 ADDON = REPO / "addons" / "llm_ha.py"

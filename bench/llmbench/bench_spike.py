@@ -1,6 +1,6 @@
 """The source document's spike, run several ways on this machine: `make bench-spike`.
 
-The same seeded open-loop load (`llmsim.scenario.SpikeLoad`: steady, a spike of about three times the
+The same seeded open-loop load (`llmbench.scenario.SpikeLoad`: steady, a spike of about three times the
 primary's capacity, steady) is sent
 
 1. `none`: straight to the primary simulator, no protection;
@@ -22,14 +22,14 @@ and 20 requests kept in flight; the capacity is the highest completion rate amon
 p95 time to first token stays within the first-byte timeout. Per phase of the load, the primary could
 have served min(requests that arrived, capacity x the phase's length).
 
-Time scale: see `llmsim.scenario`. By default the spike twice as large runs with time twice as slow
+Time scale: see `llmbench.scenario`. By default the spike twice as large runs with time twice as slow
 (time scale x 2): it is the same experiment in the document's time (physics, profile and load all
 scale together), but the proxy sees the same number of requests per wall-clock second as in the other
 runs; this machine's two cores cannot carry mitmdump, the simulators and the load generator at twice
 that rate without the proxy's event loop lagging past the first-byte timeout, which would measure the
 machine, not llm-ha. `--same-scale` runs it at the common scale anyway.
 
-    python -m llmsim.bench_spike [--seed 7] [--scale 1] [--only llm-ha --only limits] [--out out/bench-spike]
+    python -m llmbench.bench_spike [--seed 7] [--scale 1] [--only llm-ha --only limits] [--out out/bench-spike]
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ import openai
 from rich.console import Console
 from rich.table import Table
 
-from .loadgen import Record, percentile, prompt_for, send_one
+from llmsim.control import start_simulator
+from llmsim.loadgen import Record, percentile, prompt_for, send_one
+from llmsim.server import PRIMARY as PRIMARY_PHYSICS
+
 from .scenario import (DEFAULT_LOAD, DEFAULT_OUT, DEFAULT_SCALE, DEFAULT_SEED, PRIMARY_MODEL, REFERENCE, VARIANTS,
                        RunResult, SpikeLoad, Variant, describe_scale, estimated_capacity, run_scenario,
                        summarize_run)
-from .server import PRIMARY as PRIMARY_PHYSICS
-from .testing import start_simulator
 
 CALIBRATION_LEVELS = (12, 16, 20)
 TARGET_SHARE = 0.90
@@ -270,7 +271,7 @@ def _pct(value: float | None) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llmsim.bench_spike", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m llmbench.bench_spike", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="runs: " + ", ".join(f"{v.name} ({v.title})" for v in VARIANTS.values()))
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the load's arrivals; default {DEFAULT_SEED}")

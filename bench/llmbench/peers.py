@@ -15,12 +15,16 @@ Peers (`PEERS`):
   the first-byte timeout as proxy_read_timeout (200 ms); `nginx-1s`: the same with
   proxy_read_timeout 1s, because below ~300 ms nginx's read timeout cuts every stream (see below).
 * `litellm`: the LiteLLM proxy (`litellm[proxy]`, pinned to `LITELLM_VERSION`) from its own virtual
-  environment, `.venv-litellm` beside the project's `.venv` (created on first use by
-  `ensure_litellm`; the project's `.venv` is never touched), with a router config.
+  environment, `.venv-litellm` beside the project's `.venv` (the project's `.venv` is never touched),
+  with a router config.
 * `direct`: no process; the client goes straight to the primary (the reference for overheads).
 
+nginx and LiteLLM are used as installed; `python -m llmbench.peers --install-nginx --install-litellm`
+(`make peers`) installs them, and so does bench-peers unless `--no-install`. Nothing here installs unless
+asked to (`install=True`): the tests only use what is there.
+
 How each of the reference settings maps onto nginx and LiteLLM, and what has no equivalent, is in
-`MAPPINGS` (printed by `python -m llmsim.bench_peers --mappings`).
+`MAPPINGS` (printed by `python -m llmbench.bench_peers --mappings`).
 
 Every process started here is stopped by `Peer.stop()` (its whole process group: nginx's workers,
 LiteLLM's), by the context manager, and at interpreter exit for any still running.
@@ -45,9 +49,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmsim.control import free_port
+
 from .proxy import REPO, start_mitmdump
 from .scenario import REFERENCE, VARIANTS, Reference, profile_text
-from .testing import free_port
 
 PEERS = ("llm-ha", "llm-ha-limits", "mitmdump", "nginx", "nginx-1s", "litellm")
 TITLES = {
@@ -143,7 +148,7 @@ def nginx_conf(ref: Settings, primary_url: str, fallback_url: str, port: int,
         return url.split("://", 1)[1].rstrip("/")
 
     return f"""\
-# written by llmsim.peers: the reference profile mapped onto nginx (see llmsim.peers.MAPPINGS)
+# written by llmbench.peers: the reference profile mapped onto nginx (see llmbench.peers.MAPPINGS)
 worker_processes 1;
 pid nginx.pid;
 error_log logs/error.log warn;
@@ -444,7 +449,7 @@ class NginxPeer(GroupPeer):
     stop_signal = signal.SIGTERM  # fast shutdown; SIGQUIT would wait for open streams
 
     def __init__(self, primary_url: str, fallback_url: str, settings: Settings, workdir: Path,
-                 install: bool = True, practical: bool = False) -> None:
+                 install: bool = False, practical: bool = False) -> None:
         self.name = "nginx-1s" if practical else "nginx"
         binary = ensure_nginx(install)
         read_timeout = NGINX_PRACTICAL_READ_TIMEOUT * settings.scale if practical else None
@@ -479,7 +484,7 @@ class LiteLLMPeer(GroupPeer):
     name = "litellm"
 
     def __init__(self, primary_url: str, fallback_url: str, settings: Settings, workdir: Path,
-                 install: bool = True) -> None:
+                 install: bool = False) -> None:
         executable = ensure_litellm(install)
         config = workdir / "litellm-config.yaml"
         config.write_text(json.dumps(litellm_config(settings, primary_url, fallback_url), indent=2))
@@ -501,9 +506,9 @@ class LiteLLMPeer(GroupPeer):
 
 
 def start_peer(name: str, primary_url: str, fallback_url: str, settings: Settings, workdir: str | os.PathLike,
-               install: bool = True, confdir: str | os.PathLike | None = None) -> Peer:
+               install: bool = False, confdir: str | os.PathLike | None = None) -> Peer:
     """Start peer `name` (one of PEERS, or "direct") in front of the two simulators; PeerUnavailable if it
-    cannot be installed or started here."""
+    is not installed (and `install` is false or installing fails) or cannot start here."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "direct":
@@ -533,12 +538,12 @@ def nginx_binary() -> str | None:
                                           if os.access(p, os.X_OK)), None)
 
 
-def ensure_nginx(install: bool = True) -> str:
-    """The nginx binary; installs Debian's package when missing and allowed (root with apt-get)."""
+def ensure_nginx(install: bool = False) -> str:
+    """The nginx binary; with `install`, installs Debian's package when missing (root with apt-get)."""
     binary = nginx_binary()
     if binary:
         return binary
-    how = "apt-get update && apt-get install -y nginx"
+    how = "apt-get update && apt-get install -y nginx, or make peers"
     if not install:
         raise PeerUnavailable(f"no nginx binary (install: {how})")
     if not shutil.which("apt-get") or os.geteuid() != 0:
@@ -563,22 +568,15 @@ def litellm_stamp() -> Path:
     return LITELLM_VENV / f".installed-litellm-{LITELLM_VERSION}"
 
 
-def litellm_install_seconds() -> float | None:
-    """How long the install into LITELLM_VENV took, if this module made it."""
-    with contextlib.suppress(OSError, ValueError):
-        return float(json.loads(litellm_stamp().read_text())["seconds"])
-    return None
-
-
-def ensure_litellm(install: bool = True) -> Path:
-    """The `litellm` executable of LITELLM_VENV; creates the venv and installs LITELLM_REQUIREMENT on
-    first use (about a minute, ~550 MB). PeerUnavailable if that is not possible here."""
+def ensure_litellm(install: bool = False) -> Path:
+    """The `litellm` executable of LITELLM_VENV; with `install`, creates the venv and installs
+    LITELLM_REQUIREMENT when missing (about a minute, ~550 MB). PeerUnavailable if it is not there."""
     executable = LITELLM_VENV / "bin" / "litellm"
     if litellm_stamp().exists() and executable.exists():
         return executable
     if not install:
-        raise PeerUnavailable(f"LiteLLM is not installed in {LITELLM_VENV} (install: python -m llmsim.peers "
-                              f"--install-litellm, or {sys.executable} -m venv {LITELLM_VENV} && "
+        raise PeerUnavailable(f"LiteLLM is not installed in {LITELLM_VENV} (install: make peers, or python -m "
+                              f"llmbench.peers --install-litellm, or {sys.executable} -m venv {LITELLM_VENV} && "
                               f"{LITELLM_VENV}/bin/pip install '{LITELLM_REQUIREMENT}')")
     LITELLM_VENV.parent.mkdir(parents=True, exist_ok=True)
     lock_path = Path(tempfile.gettempdir()) / f"llm-ha-{LITELLM_VENV.name.lstrip('.')}-{os.getuid()}.lock"
@@ -625,17 +623,21 @@ def _check_litellm_install() -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m llmsim.peers", description="Install the peers of bench-peers.")
+    parser = argparse.ArgumentParser(prog="python -m llmbench.peers", description="Install the peers of bench-peers.")
     parser.add_argument("--install-litellm", action="store_true", help=f"create {LITELLM_VENV} with {LITELLM_REQUIREMENT}")
     parser.add_argument("--install-nginx", action="store_true", help="apt-get install nginx if it is missing")
     args = parser.parse_args(argv)
-    try:
-        if args.install_nginx:
-            print(ensure_nginx())
-        if args.install_litellm:
-            print(ensure_litellm(), f"(installed in {litellm_install_seconds()} s)" if litellm_install_seconds() else "")
-    except PeerUnavailable as exc:
-        sys.exit(f"llmsim.peers: {exc}")
+    failed = False
+    for wanted, ensure in ((args.install_nginx, ensure_nginx), (args.install_litellm, ensure_litellm)):
+        if not wanted:
+            continue
+        try:
+            print(ensure(install=True))
+        except PeerUnavailable as exc:  # say so, and still try the other one
+            print(f"llmbench.peers: {exc}", file=sys.stderr)
+            failed = True
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

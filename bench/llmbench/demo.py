@@ -12,7 +12,7 @@ ejects the primary for 30 s (k=1) and the fallback serves everything; the primar
 steady load again, and never crashes. `make bench-spike` runs the same load without protection (the
 primary crashes) and the other configurations.
 
-    python -m llmsim.demo [--scale 1] [--seed 7] [--out out] [--no-panel]
+    python -m llmbench.demo [--scale 1] [--seed 7] [--out out] [--no-panel]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def summary_table(summary: dict) -> Table:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m llmsim.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llmbench.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                    help=f"time scale (the simulators' --time-scale; < 1 runs faster); default {DEFAULT_SCALE:g}")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the load; default {DEFAULT_SEED}")

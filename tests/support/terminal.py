@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from llmsim.testing import poll_until
+from llmsim.control import poll_until
 
 # pytest imports readline, which leaves COLUMNS/LINES in the environment children inherit: a stale
 # size makes a live panel wrap. Children started by tests get the real terminal's size instead.

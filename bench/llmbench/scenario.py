@@ -48,11 +48,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .loadgen import Phase, Record, percentile, run_load, write_records
+from llmsim.control import SimProcess, free_port, start_simulator
+from llmsim.loadgen import Phase, Record, percentile, run_load, write_records
+from llmsim.server import PRESETS
+from llmsim.server import PRIMARY as PRIMARY_PHYSICS
+
 from .proxy import ADDON, REPO, MitmProcess, _wait_until_up, mitmdump_command, start_mitmdump
-from .server import PRESETS
-from .server import PRIMARY as PRIMARY_PHYSICS
-from .testing import SimProcess, free_port, start_simulator
 
 PRIMARY_MODEL = PRESETS["primary"][0]
 FALLBACK_MODEL = PRESETS["fallback"][0]
@@ -202,7 +203,7 @@ def profile_text(variant: Variant, scale: float, fallback_url: str, reference: R
                        f"    min_inflight: {r.min_inflight}\n")
         limits += f"    slow_start: {d(r.slow_start):<14}# {r.slow_start:g} s x {s:g}, after a return from ejection\n"
     return (
-        f"# demo-spike: the traffic-spike scenario's profile ({variant.title}), written by llmsim.scenario.\n"
+        f"# demo-spike: the traffic-spike scenario's profile ({variant.title}), written by llmbench.scenario.\n"
         f"#\n"
         f"# The source document's reference settings (failure rate threshold 50 %, interval 1 s, base\n"
         f"# ejection 30 s, first-byte timeout 200 ms) with every duration multiplied by the time scale\n"
@@ -312,7 +313,7 @@ def primary_possible(records: list[Record], load: SpikeLoad, scale: float, capac
 
     Per phase: the requests that arrived, but at most `capacity` (requests/s, document time) times
     the phase's length. `capacity` is what the primary completes with its first byte in time (see
-    `llmsim.bench_spike`'s calibration).
+    `llmbench.bench_spike`'s calibration).
     """
     arrived = Counter(r.phase for r in records)
     total = 0.0
@@ -522,7 +523,7 @@ def _save(result: RunResult) -> None:
 
 def load_result(folder: Path | str) -> RunResult:
     """A saved run back from its folder (records.jsonl, run.json, events.jsonl), e.g. to plot it again."""
-    from .loadgen import read_records
+    from llmsim.loadgen import read_records
 
     folder = Path(folder)
     run = json.loads((folder / "run.json").read_text())

@@ -6,7 +6,7 @@ timeout as a dashed line, the spike shaded grey, llm-ha's ejections of the prima
 with their k, the primary's crashes as red lines and its restarts (down) hatched red.
 Bottom: requests per second by outcome, so "all traffic goes to the backup" shows.
 
-    python -m llmsim.timeline out/demo            # draw a saved run again (out/demo/timeline.png)
+    python -m llmbench.timeline out/demo            # draw a saved run again (out/demo/timeline.png)
 
 matplotlib is an optional dependency (`pip install -e '.[plot]'`); without it `write_timeline`
 raises `PlotUnavailable` with that advice.
@@ -158,7 +158,7 @@ def write_timeline(result: RunResult, path: Path | str, title: str | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m llmsim.timeline", description="Draw a saved spike run as a PNG.")
+    p = argparse.ArgumentParser(prog="python -m llmbench.timeline", description="Draw a saved spike run as a PNG.")
     p.add_argument("folder", help="a run's folder (with run.json, records.jsonl, events.jsonl), e.g. out/demo")
     p.add_argument("--out", help="the PNG; default FOLDER/timeline.png")
     args = p.parse_args(argv)

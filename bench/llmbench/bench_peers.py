@@ -1,6 +1,6 @@
 """llm-ha against the gateways users would pick instead, on the same spike: `make bench-peers`.
 
-Each gateway (`llmsim.peers`: llm-ha with the reference profile and with limits, mitmdump without
+Each gateway (`llmbench.peers`: llm-ha with the reference profile and with limits, mitmdump without
 the addon, nginx with the reference's 200 ms and with a practical 1 s read timeout, the LiteLLM
 proxy) is put in front of a fresh pair of simulators (the overloadable primary and the cloud fallback, as in
 `make bench-spike`) and gets the same seeded open-loop load (`scenario.DEFAULT_LOAD`: steady, a spike
@@ -25,8 +25,11 @@ When llm-ha has the highest added time to first token of the gateways (or with -
 py-spy profile of it under the overhead load is taken (py-spy is installed on demand into
 `.venv-pyspy`) and its top functions are printed.
 
-    python -m llmsim.bench_peers [--peers llm-ha,nginx,...] [--scenarios spike,primary-dies] [--scale 1]
-                                 [--requests 300] [--quick] [--profile] [--mappings]
+    python -m llmbench.bench_peers [--peers llm-ha,nginx,...] [--scenarios spike,primary-dies] [--scale 1]
+                                   [--requests 300] [--quick] [--profile] [--mappings] [--no-install]
+
+The command installs a missing nginx or LiteLLM (`llmbench.peers`) unless `--no-install`; the functions
+(`run_spike`, `run_overhead`, `run_all`) only with `install=True`.
 
 Every process it starts is stopped when it ends, also on errors, Ctrl-C and SIGTERM.
 """
@@ -55,12 +58,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from llmsim.control import start_simulator
+from llmsim.loadgen import DEFAULT_MODEL, Record, percentile, run_load, write_records
+
 from . import peers as peers_mod
-from .loadgen import DEFAULT_MODEL, Record, percentile, run_load, write_records
 from .peers import PEERS, TITLES, PeerUnavailable, Settings, cpu_seconds, start_peer
 from .proxy import REPO
 from .scenario import DEFAULT_LOAD, DEFAULT_SCALE, DEFAULT_SEED, REFERENCE, SpikeLoad, down_periods
-from .testing import start_simulator
 
 DEFAULT_PEERS = ("llm-ha", "llm-ha-limits", "mitmdump", "nginx", "nginx-1s", "litellm")
 SCENARIOS = ("spike", "primary-dies")
@@ -121,7 +125,7 @@ def _ms(seconds: float | None) -> float | None:
 
 def run_spike(peer: str, scenario: str, *, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED,
               load: SpikeLoad = DEFAULT_LOAD, crash_at: float = DEFAULT_CRASH_AT, out_dir: Path,
-              confdir: str | None = None, install: bool = True, say=print) -> Row:
+              confdir: str | None = None, install: bool = False, say=print) -> Row:
     """One gateway, one run, fresh simulators; every process is stopped before it returns."""
     folder = out_dir / scenario / peer
     folder.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,7 @@ async def measure(base_url: str, requests: int, max_tokens: int) -> list[float |
 
 
 def run_overhead(peers: list[str], *, requests: int = 300, max_tokens: int = 16, out_dir: Path,
-                 confdir: str | None = None, install: bool = True, say=print) -> list[Row]:
+                 confdir: str | None = None, install: bool = False, say=print) -> list[Row]:
     """Sequential streaming requests to an ideal upstream, direct and through each gateway."""
     rows = []
     folder = out_dir / "overhead"
@@ -560,7 +564,7 @@ def versions() -> str:
 # -- main
 
 def run_all(peers: list[str], scenarios: list[str], *, scale: float, seed: int, load: SpikeLoad, crash_at: float,
-            requests: int, max_tokens: int, out_dir: Path, install: bool = True, overhead_peers: list[str] | None = None,
+            requests: int, max_tokens: int, out_dir: Path, install: bool = False, overhead_peers: list[str] | None = None,
             say=print) -> list[Row]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -584,7 +588,7 @@ def run_all(peers: list[str], scenarios: list[str], *, scale: float, seed: int, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llmsim.bench_peers", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m llmbench.bench_peers", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--peers", default=",".join(DEFAULT_PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, from spike, primary-dies")
