@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from llmsim.loadgen import Phase, arrival_schedule, parse_phases, read_records, run_load, summarize
 from llmsim.control import SimulatorError, start_simulator
+from llmsim.server import expected_answer, expected_generation
 
 pytestmark = pytest.mark.e2e
 
@@ -81,8 +83,10 @@ def test_streaming_answer_names_the_served_model(ideal):
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) == 5 + 2  # one token each, the finish chunk, the usage chunk
     assert {c["model"] for c in chunks} == {SERVED}
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "lorem"}
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:5]) == "lorem ipsum dolor sit amet"
+    tokens = [expected_generation(body).token(i) for i in range(5)]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": tokens[0]}
+    assert [c["choices"][0]["delta"]["content"] for c in chunks[:5]] == tokens
+    assert "".join(tokens) == expected_answer(body) and not tokens[0].startswith(" ")
     assert chunks[5]["choices"][0]["finish_reason"] == "length"
     assert chunks[6]["choices"] == [] and chunks[6]["usage"]["completion_tokens"] == 5
     last = ideal.stats()["last_request"]
@@ -94,7 +98,8 @@ def test_non_streaming_answer_and_models(ideal):
     answers = [client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=4) for _ in range(2)]
     assert answers[0].model == SERVED
-    assert answers[0].choices[0].message.content == "lorem ipsum dolor sit"
+    assert answers[0].choices[0].message.content == expected_answer(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
     assert answers[0].usage.completion_tokens == 4
     assert [m.id for m in client.models.list()] == [SERVED]
@@ -255,6 +260,209 @@ def test_bad_fault_is_refused(ideal):
         ideal.set_faults(error_rat=1)
     with pytest.raises(SimulatorError, match="error_rate"):
         ideal.set_faults(error_rate=2)
+    with pytest.raises(SimulatorError, match="no_done"):
+        ideal.set_faults(no_done="yes")
+    with pytest.raises(SimulatorError, match="prefill must be one of any, vllm, deepseek, reject"):
+        ideal.set_faults(prefill="sometimes")
+
+
+# -- deterministic answers and continuing a partial answer (prefill)
+
+QUESTION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is an SSE stream?"}]
+
+
+def openai_client(sim) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sim.url + "/v1", api_key="k", max_retries=0)
+
+
+def stream_chat(client: openai.OpenAI, messages: list, **kwargs) -> tuple[list, str]:
+    """(the chunks, the text) of one streamed chat completion."""
+    chunks = list(client.chat.completions.create(model="x", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **kwargs))
+    return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def prefill_request(form: str, partial: str) -> tuple[list, dict]:
+    """(messages, extra body) asking to continue `partial` in one of the three forms."""
+    message = {"role": "assistant", "content": partial}
+    extra = {}
+    if form == "vllm":
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+    elif form == "deepseek":
+        message["prefix"] = True
+    return [*QUESTION, message], extra
+
+
+def test_the_answer_is_a_function_of_the_request_alone(ideal, simulators):
+    fallback = simulators("--preset", "fallback")
+    body = {"messages": QUESTION, "max_tokens": 12}
+    expected = expected_answer(body)
+    answers = [stream_chat(openai_client(sim), QUESTION, max_tokens=12)[1] for sim in (ideal, fallback, ideal)]
+    assert answers == [expected] * 3
+    other = stream_chat(openai_client(ideal), [{"role": "user", "content": "something else"}], max_tokens=12)[1]
+    assert other != expected and len(expected.split()) == 12
+
+
+@pytest.mark.parametrize("form", ["plain", "vllm", "deepseek"])
+def test_a_prefill_is_continued_exactly(ideal, form):
+    client = openai_client(ideal)
+    whole_chunks, whole = stream_chat(client, QUESTION, max_tokens=10)
+    tokens = [c.choices[0].delta.content for c in whole_chunks if c.choices and c.choices[0].delta.content]
+    before = ideal.stats()["prefill_continuations"]
+    for produced in (0, 4, 9):
+        partial = "".join(tokens[:produced])
+        messages, extra = prefill_request(form, partial)
+        chunks, rest = stream_chat(client, messages, max_tokens=10 - produced, extra_body=extra)
+        assert partial + rest == whole, produced
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert rest == expected_answer({"messages": messages, "max_tokens": 10 - produced})
+        usage = chunks[-1].usage  # the prefill's tokens are prompt tokens
+        assert usage.completion_tokens == 10 - produced
+        assert usage.prompt_tokens - produced == whole_chunks[-1].usage.prompt_tokens
+    assert ideal.stats()["prefill_continuations"] == before + 3
+
+
+def test_a_continuation_without_max_tokens_ends_the_natural_answer(ideal):
+    client = openai_client(ideal)
+    whole = client.chat.completions.create(model="x", messages=QUESTION).choices[0]
+    assert whole.finish_reason == "stop" and len(whole.message.content.split()) == 32  # --default-max-tokens
+    partial = " ".join(whole.message.content.split()[:20])
+    rest = client.chat.completions.create(model="x", messages=prefill_request("plain", partial)[0]).choices[0]
+    assert partial + rest.message.content == whole.message.content and rest.finish_reason == "stop"
+
+
+def test_a_prefill_that_is_not_the_answer_is_answered_afresh(ideal):
+    before = ideal.stats()["prefill_mismatches"]
+    messages, _ = prefill_request("plain", "not what the model said")
+    _, text = stream_chat(openai_client(ideal), messages, max_tokens=6)
+    assert text == expected_answer({"messages": QUESTION, "max_tokens": 6})
+    assert ideal.stats()["prefill_mismatches"] == before + 1
+    assert "not the beginning of this conversation's answer" in ideal.stderr()
+
+
+def test_prefill_reject_mode(ideal):
+    ideal.set_faults(prefill="reject")
+    client = openai_client(ideal)
+    for form in ("plain", "vllm", "deepseek"):
+        messages, extra = prefill_request(form, "")
+        with pytest.raises(openai.BadRequestError) as caught:
+            stream_chat(client, messages, max_tokens=4, extra_body=extra)
+        assert caught.value.status_code == 400
+        assert caught.value.body["code"] == "prefill_unsupported"
+        assert caught.value.body["type"] == "invalid_request_error"
+    assert stream_chat(client, QUESTION, max_tokens=4)[1] == expected_answer({"messages": QUESTION, "max_tokens": 4})
+    assert ideal.stats()["prefill_refused"] >= 3
+
+
+@pytest.mark.parametrize("mode", ["vllm", "deepseek"])
+def test_a_prefill_mode_accepts_only_its_own_form(ideal, mode):
+    ideal.set_faults(prefill=mode)
+    client = openai_client(ideal)
+    whole = expected_answer({"messages": QUESTION, "max_tokens": 8})
+    partial = " ".join(whole.split()[:3])
+    for form in ("plain", "vllm", "deepseek"):
+        messages, extra = prefill_request(form, partial)
+        if form == mode:
+            assert partial + stream_chat(client, messages, max_tokens=5, extra_body=extra)[1] == whole
+            continue
+        with pytest.raises(openai.BadRequestError) as caught:
+            stream_chat(client, messages, max_tokens=5, extra_body=extra)
+        if mode == "vllm":  # vLLM's error: type BadRequestError, code 400
+            assert caught.value.body["type"] == "BadRequestError" and caught.value.body["code"] == 400
+            assert "continue_final_message" in caught.value.body["message"]
+        else:
+            assert caught.value.body["code"] == "prefill_unsupported"
+    if mode == "vllm":  # add_generation_prompt defaults to true, as in vLLM
+        with pytest.raises(openai.BadRequestError, match="Cannot set both"):
+            stream_chat(client, prefill_request("plain", partial)[0], extra_body={"continue_final_message": True})
+
+
+# -- stalls and streams that end without [DONE], read raw with timestamps
+
+def timed_lines(url: str, body: dict, timeout: float = 10) -> list[tuple[float, str]]:
+    """(seconds since the request, line) of every non-empty line of a streamed answer."""
+    start = time.monotonic()
+    with httpx.stream("POST", url + CHAT, json=body, timeout=timeout) as response:
+        assert response.status_code == 200
+        return [(time.monotonic() - start, line) for line in response.iter_lines() if line]
+
+
+def test_stall_after_chunks_fault(ideal):
+    ideal.set_faults(stall_after_chunks=3, stall_seconds=0.6)
+    before = ideal.stats()["stalls"]
+    body = chat_body(6)
+    lines = timed_lines(ideal.url, body)
+    data = [(t, line[len("data: "):]) for t, line in lines if line.startswith("data: ")]
+    assert len(data) == len(lines) == 6 + 2 and data[-1][1] == "[DONE]"
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(data)]
+    assert gaps[2] >= 0.58 and max(gaps[:2] + gaps[3:]) < 0.2, gaps
+    text = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for _, d in data[:-1])
+    assert text == expected_answer(body)
+    assert ideal.stats()["stalls"] == before + 1
+
+
+def test_stall_with_keepalive_comments_time_scaled(simulators):
+    # Time scale 0.2: a 2.5 s stall takes 0.5 s, with a keep-alive comment every 0.2 s.
+    sim = simulators("--no-physics", "--time-scale", "0.2", "--stall-after-chunks", "2", "--stall-seconds", "2.5",
+                     "--stall-keepalive")
+    lines = timed_lines(sim.url, chat_body(4))
+    kinds = ["comment" if line.startswith(":") else "data" for _, line in lines]
+    assert kinds == ["data"] * 2 + ["comment"] * 2 + ["data"] * (2 + 2)
+    assert {line for _, line in lines if line.startswith(":")} == {": keep-alive"}
+    times = [t for t, _ in lines]
+    assert 0.15 < times[2] - times[1] < 0.3 and 0.15 < times[3] - times[2] < 0.3
+    assert times[4] - times[1] >= 0.48
+    assert sim.stats()["stalls"] == 1
+
+
+def test_no_done_ends_the_stream_after_the_last_content_event(ideal):
+    ideal.set_faults(no_done=True)
+    body = chat_body(5, stream_options={"include_usage": True})
+    events = sse_data(httpx.post(ideal.url + CHAT, json=body).text)  # a clean end: no transport error
+    chunks = [json.loads(e) for e in events]
+    assert len(chunks) == 5 and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == expected_answer(body)
+    assert ideal.stats()["ended_without_done"] >= 1
+
+
+def test_no_done_after_n_events_and_the_prefill_continues_it(ideal):
+    ideal.set_faults(no_done=3)
+    client = openai_client(ideal)
+    _, partial = stream_chat(client, QUESTION, max_tokens=8)  # the openai client sees a short answer, no error
+    whole = expected_answer({"messages": QUESTION, "max_tokens": 8})
+    assert whole.startswith(partial) and len(partial.split()) == 3
+    ideal.set_faults(no_done=False)
+    _, rest = stream_chat(client, prefill_request("plain", partial)[0], max_tokens=5)
+    assert partial + rest == whole
+
+
+# -- legacy completions
+
+PROMPT = "Once upon a time"
+
+
+def test_completions_stream_and_continuation(ideal):
+    client = openai_client(ideal)
+    chunks = list(client.completions.create(model="x", prompt=PROMPT, max_tokens=7, stream=True))
+    whole = "".join(c.choices[0].text for c in chunks)
+    assert whole == expected_answer({"prompt": PROMPT, "max_tokens": 7}) and len(whole.split()) == 7
+    assert all(c.object == "text_completion" and c.model == SERVED for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * 7 + ["length"]
+    raw = json.loads(sse_data(httpx.post(ideal.url + "/v1/completions",
+                                         json={"prompt": PROMPT, "max_tokens": 2, "stream": True}).text)[0])
+    assert set(raw) == {"id", "object", "created", "model", "choices"}
+    assert set(raw["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+
+    before = ideal.stats()["prefill_continuations"]
+    first = client.completions.create(model="x", prompt=PROMPT, max_tokens=7)
+    for produced in (1, 3, 6):
+        partial = "".join(c.choices[0].text for c in chunks[:produced])
+        rest = client.completions.create(model="x", prompt=PROMPT + partial, max_tokens=7 - produced)
+        assert partial + rest.choices[0].text == whole
+        assert rest.usage.completion_tokens == 7 - produced
+        assert rest.usage.prompt_tokens - produced == first.usage.prompt_tokens
+    assert ideal.stats()["prefill_continuations"] == before + 3
+    assert first.choices[0].text == whole and first.object == "text_completion"
 
 
 # -- client disconnects

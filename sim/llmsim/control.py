@@ -93,7 +93,8 @@ class SimProcess:
 
     def clear_faults(self) -> dict:
         return self.set_faults(error_rate=0.0, status=None, in_band_error=False, first_token_delay=0.0,
-                               reset_after_chunks=None, refuse=False, slow_start=0.0)
+                               reset_after_chunks=None, refuse=False, slow_start=0.0, stall_after_chunks=None,
+                               stall_seconds=60.0, stall_keepalive=False, no_done=False, prefill="any")
 
     def crash(self) -> dict:
         return self._control("POST", "/_sim/crash")

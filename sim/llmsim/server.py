@@ -1,9 +1,35 @@
 """An OpenAI-compatible LLM server simulator with the physics of an overloaded GPU, and fault switches.
 
-Run `python -m llmsim.server --help`. It serves `POST /v1/chat/completions` (streaming and not) and
-`GET /v1/models` on 127.0.0.1, prints one JSON line with its URLs on stdout, and serves its control
-endpoints (`GET /_sim/stats`, `GET|POST /_sim/faults`, `POST /_sim/crash`) on a second port, which
-stays reachable while the API port refuses connections.
+Run `python -m llmsim.server --help`. It serves `POST /v1/chat/completions` and the legacy
+`POST /v1/completions` (streaming and not) and `GET /v1/models` on 127.0.0.1, prints one JSON line
+with its URLs on stdout, and serves its control endpoints (`GET /_sim/stats`, `GET|POST /_sim/faults`,
+`POST /_sim/crash`) on a second port, which stays reachable while the API port refuses connections.
+
+The answers
+-----------
+An answer is a deterministic function of the request, the same in every simulator process and preset
+(so a primary and a fallback say the same), and `expected_answer(body)` computes it for tests. The
+model says an endless sequence of tokens, one word of WORDS each, token i chosen by
+sha256(seed, i): a chat answer starts with a bare word and goes on with " word" tokens; every token
+of a legacy completion is " word". The seed is a sha256 of the conversation (each message's role and
+text) before any final assistant message, or of the completion prompt. An answer has max_tokens (or
+max_completion_tokens) tokens with finish_reason "length"; without either, it ends naturally ("stop")
+after `--default-max-tokens` tokens counted from its start, prefill included. One token is one SSE
+event.
+
+Continuing a partial answer (prefill). A chat request whose last message is `{"role": "assistant",
+"content": P}` continues that message: P must be the first k tokens of the answer to the conversation
+before it (whole tokens); the simulator then generates tokens k, k+1, ... (at most max_tokens of
+them), streams only the new text (the first chunk still carries `role: assistant`, as vLLM does), and
+counts the k prefill tokens as prompt tokens, only the new ones as completion tokens. If P is not such
+a prefix, it logs that and answers afresh, from token 0. Three forms of prefill exist: plain (a final
+assistant message is always continued, as Anthropic does), vLLM's (`continue_final_message: true,
+add_generation_prompt: false` in the body) and DeepSeek's (`"prefix": true` on the message); the
+`prefill` switch below says which are accepted. A legacy completion is continued by sending the
+original prompt plus the partial answer as the prompt: the seed comes from the prompt without the
+longest run of trailing " word" tokens that is the beginning of that shorter prompt's answer (so a
+prompt that merely ends in such words may, rarely, count as a continuation; the answer is still a
+function of the prompt alone).
 
 The physics (preset `primary`, the default)
 -------------------------------------------
@@ -44,7 +70,7 @@ GPUs), so it never queues and never crashes. `--no-physics`: an
 ideal server, every token at once, no limits.
 
 `--time-scale F` multiplies every duration, the physics, the restart time and the durations of the
-fault switches (first_token_delay, slow_start): with 0.1 a 180 s restart takes 18 s.
+fault switches (see below): with 0.1 a 180 s restart takes 18 s.
 
 Fault switches (command line flags, or `POST /_sim/faults` with a JSON object of the same names)
 --------------------------------------------------------------------------------------------------
@@ -61,6 +87,24 @@ Fault switches (command line flags, or `POST /_sim/faults` with a JSON object of
   linearly from 1 to 0 across the window, each request's first token comes w * 1 s later and every
   prefill and decode step takes (1 + 4 w) times as long. It counts from the last start or crash
   restart, so setting it at run time affects only what is left of the current window.
+* `stall_after_chunks` with `stall_seconds` (default 60): after this many content events (0: before
+  anything is sent) a stream goes silent for stall_seconds, the connection open, then goes on with
+  what was generated meanwhile. Once per request; streams only.
+* `stall_keepalive`: during a stall, send the SSE comment `: keep-alive` every second (and the
+  response headers first if none went out), like a server whose stream is alive but makes no progress.
+* `no_done`: `true`: a stream ends, with a clean end of the HTTP message, right after its last content
+  event: no finish_reason chunk, no usage chunk, no `data: [DONE]`, like a server that died gracefully.
+  An integer N: the same after N content events (0: a 200 with an empty body), a clean end mid-answer.
+  Streams only.
+* `prefill`: which final assistant messages are continued: `any` (the default; every form), `vllm`
+  (only with the vLLM flags; anything else gets vLLM's 400 `BadRequestError`), `deepseek` (only with
+  `"prefix": true`), `reject` (a 400 `invalid_request_error` with code `prefill_unsupported` for any
+  final assistant message).
+
+The durations of the switches (first_token_delay, slow_start, stall_seconds, the keep-alive second)
+are multiplied by `--time-scale`. `GET /_sim/stats` counts, besides requests and outcomes, `stalls`,
+`prefill_continuations` (prefills continued, chat or legacy), `prefill_mismatches` (answered afresh),
+`prefill_refused` (400s by the `prefill` switch) and `ended_without_done` (streams cut short by no_done).
 """
 
 from __future__ import annotations
@@ -68,6 +112,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -78,7 +123,7 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from llmha.proxy.httpserver import HttpServer, Request, Responder
 
@@ -89,9 +134,16 @@ WORDS = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut "
     "labore et dolore magna aliqua"
 ).split()
+WORD_SET = frozenset(WORDS)
 
 SLOW_START_MAX_DELAY = 1.0  # s added to the first token at the very start of a slow_start window
 SLOW_START_MAX_SLOWDOWN = 4.0  # physics take up to (1 + this) times as long at that moment
+KEEPALIVE_INTERVAL = 1.0  # s between keep-alive comments during a stall
+KEEPALIVE = b": keep-alive\n\n"
+PREFILL_MODES = ("any", "vllm", "deepseek", "reject")
+CHAT_PATH, TEXT_PATH = "/v1/chat/completions", "/v1/completions"
+DEFAULT_MAX_TOKENS, MAX_OUTPUT_TOKENS = 32, 4096
+SSE_HEADERS = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
 
 
 @dataclass(frozen=True)
@@ -142,6 +194,11 @@ class Faults:
     reset_after_chunks: int | None = None
     refuse: bool = False
     slow_start: float = 0.0
+    stall_after_chunks: int | None = None
+    stall_seconds: float = 60.0
+    stall_keepalive: bool = False
+    no_done: bool | int = False
+    prefill: str = "any"
 
     def updated(self, changes: dict[str, Any]) -> Faults:
         """A copy with `changes` applied; ValueError names the first bad key or value."""
@@ -161,18 +218,33 @@ class Faults:
         number("error_rate", self.error_rate, 0.0, 1.0)
         number("first_token_delay", self.first_token_delay, 0.0)
         number("slow_start", self.slow_start, 0.0)
+        number("stall_seconds", self.stall_seconds, 0.0)
         if self.status == 0:
             self.status = None
         if self.status is not None:
             if isinstance(self.status, bool) or not isinstance(self.status, int) or not 400 <= self.status <= 599:
                 raise ValueError(f"status must be an HTTP error status (400..599), 0 or null, got {self.status!r}")
-        if self.reset_after_chunks is not None:
-            if isinstance(self.reset_after_chunks, bool) or not isinstance(self.reset_after_chunks, int) \
-                    or self.reset_after_chunks < 0:
-                raise ValueError(f"reset_after_chunks must be an integer >= 0 or null, got {self.reset_after_chunks!r}")
-        for name in ("in_band_error", "refuse"):
+        for name in ("reset_after_chunks", "stall_after_chunks"):
+            value = getattr(self, name)
+            if value is not None and not _count(value):
+                raise ValueError(f"{name} must be an integer >= 0 or null, got {value!r}")
+        for name in ("in_band_error", "refuse", "stall_keepalive"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.no_done, bool) and not _count(self.no_done):
+            raise ValueError(f"no_done must be true, false or an integer >= 0, got {self.no_done!r}")
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
+
+    def ends_without_done(self, sent: int, at_end: bool) -> bool:
+        """no_done: end the stream now, cleanly but without its finish chunk and [DONE]?"""
+        if isinstance(self.no_done, bool):
+            return self.no_done and at_end
+        return at_end or sent >= self.no_done
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Clock:
@@ -309,8 +381,9 @@ class Engine:
         self._check_memory()
 
     def _emit(self, seq: Sequence) -> None:
-        seq.tokens.put_nowait(seq.generated)
-        seq.generated += 1
+        if seq.generated < seq.max_tokens:  # a continuation of a whole answer has nothing to add
+            seq.tokens.put_nowait(seq.generated)
+            seq.generated += 1
         if seq.generated >= seq.max_tokens:
             self.running.remove(seq)
             seq.state = "done"
@@ -326,6 +399,11 @@ class Stats:
     resets: int = 0  # requests the server cut with a reset: crashes and reset_after_chunks
     crashes: int = 0
     crash_times: list[float] = field(default_factory=list)
+    stalls: int = 0
+    prefill_continuations: int = 0
+    prefill_mismatches: int = 0
+    prefill_refused: int = 0
+    ended_without_done: int = 0
     last_request: dict = field(default_factory=lambda: dict.fromkeys(("method", "path", "model", "authorization")))
 
 
@@ -335,30 +413,35 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | int | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or self.TYPES.get(status, "server_error")
+        self.kind = kind or self.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
     def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-        return {"error": {"message": str(self), "type": kind, "param": None, "code": self.code}}
+        return {"error": {"message": str(self), "type": self.kind, "param": None, "code": self.code}}
+
+
+class PrefillRefused(ApiError):
+    """A final assistant message in a form the `prefill` switch does not accept."""
+
+
+def message_text(message: Any) -> str:
+    """A message's content as text: a string, or the text parts of a list joined by spaces."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def prompt_tokens_of(messages: list) -> int:
     """About four characters a token, plus a few for each message's chat template."""
-    chars = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        chars += len(content or "")
-    return max(1, chars // 4 + 4 * len(messages))
+    return max(1, sum(len(message_text(m)) for m in messages) // 4 + 4 * len(messages))
 
 
-def token_text(index: int) -> str:
-    word = WORDS[index % len(WORDS)]
-    return word if index == 0 else " " + word
+def text_prompt_tokens(prompt: str) -> int:
+    return max(1, len(prompt) // 4)
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -369,40 +452,236 @@ def sse(obj: Any) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json_bytes(obj)) + b"\n\n"
 
 
-@dataclass
-class ChatRequest:
-    """What the simulator needs from one chat completion request."""
+# -- answers: a deterministic function of the request (see the module docstring)
 
+@dataclass(frozen=True)
+class Answer:
+    """The endless token sequence the simulated model says after one prompt."""
+
+    seed: bytes
+    space_first: bool = False  # legacy completions: every token, the first too, is " word"
+
+    def token(self, index: int) -> str:
+        # A word per position from a hash, not a rotation of WORDS: a splice that drops or repeats
+        # a stretch of the answer cannot come out right by accident.
+        digest = hashlib.sha256(self.seed + index.to_bytes(8, "big")).digest()
+        word = WORDS[int.from_bytes(digest[:8], "big") % len(WORDS)]
+        return " " + word if index or self.space_first else word
+
+    def prefix_tokens(self, text: str) -> int | None:
+        """k when `text` is exactly the first k tokens; None when it is not."""
+        position = index = 0
+        while position < len(text):
+            token = self.token(index)
+            if not text.startswith(token, position):
+                return None
+            position += len(token)
+            index += 1
+        return index
+
+
+def chat_answer(conversation: list) -> Answer:
+    canonical = json.dumps([[m.get("role") if isinstance(m, dict) else None, message_text(m)]
+                            for m in conversation], separators=(",", ":"))
+    return Answer(hashlib.sha256(b"chat\0" + canonical.encode()).digest())
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
+
+
+def completion_root(prompt: str) -> tuple[str, Answer, int]:
+    """(the prompt without its trailing answer, that shorter prompt's answer, how many of its tokens
+    the prompt ends with). The longest trailing answer wins, so a continuation of a continuation
+    continues the same answer."""
+    hasher = hashlib.sha256(b"text\0")
+    hashed = 0
+    for start in _trailing_word_starts(prompt):
+        hasher.update(_encode(prompt[hashed:start]))
+        hashed = start
+        answer = Answer(hasher.copy().digest(), space_first=True)
+        produced = answer.prefix_tokens(prompt[start:])
+        if produced is not None:
+            return prompt[:start], answer, produced
+    hasher.update(_encode(prompt[hashed:]))
+    return prompt, Answer(hasher.digest(), space_first=True), 0
+
+
+def _trailing_word_starts(prompt: str) -> list[int]:
+    """Where each " word" of the prompt's trailing run of them begins, leftmost first."""
+    starts, end = [], len(prompt)
+    while (space := prompt.rfind(" ", 0, end)) >= 0 and prompt[space + 1:end] in WORD_SET:
+        starts.append(space)
+        end = space
+    return starts[::-1]
+
+
+# -- requests
+
+class ChatShape:
+    """How chat completions look on the wire."""
+
+    id_prefix = "chatcmpl-sim-"
+    chunk_object, whole_object = "chat.completion.chunk", "chat.completion"
+    extra: ClassVar[dict] = {"system_fingerprint": None}
+
+    @staticmethod
+    def token_choice(text: str, opening: bool) -> dict:
+        delta = {"role": "assistant", "content": text} if opening else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+
+    @staticmethod
+    def finish_choice(finish_reason: str) -> dict:
+        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+
+    @classmethod
+    def opening_choice(cls) -> dict | None:
+        """The role delta of an answer with no new tokens (a prefill that was already whole)."""
+        return cls.token_choice("", opening=True)
+
+    @staticmethod
+    def whole_choice(text: str, finish_reason: str) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+
+class TextShape:
+    """How legacy completions look on the wire."""
+
+    id_prefix = "cmpl-sim-"
+    chunk_object = whole_object = "text_completion"
+    extra: ClassVar[dict] = {}
+
+    @staticmethod
+    def token_choice(text: str, opening: bool) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+
+    @staticmethod
+    def finish_choice(finish_reason: str) -> dict:
+        return {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
+
+    @staticmethod
+    def opening_choice() -> dict | None:
+        return None
+
+    @staticmethod
+    def whole_choice(text: str, finish_reason: str) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+@dataclass
+class Generation:
+    """What the simulator needs from one completion request: what to say, how long, in which shape."""
+
+    shape: ChatShape | TextShape
     stream: bool
-    max_tokens: int
+    answer: Answer
+    first: int  # index in `answer` of the first new token; > 0 when continuing a partial answer
+    max_tokens: int  # new tokens
     finish_reason: str
     include_usage: bool
     prompt_tokens: int
+    prefill: str | None = None  # "continued", or "mismatch": not a prefix of the answer, answered afresh
 
-    @classmethod
-    def parse(cls, body: dict, default_max: int, cap: int) -> ChatRequest:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
-        asked = body.get("max_completion_tokens", body.get("max_tokens"))
-        if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 1):
-            raise ApiError(400, "'max_tokens' must be a positive integer", "invalid_max_tokens")
-        max_tokens = min(asked or default_max, cap)
-        options = body.get("stream_options") or {}
-        return cls(
-            stream=bool(body.get("stream")),
-            max_tokens=max_tokens,
-            finish_reason="length" if asked is not None else "stop",
-            include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-            prompt_tokens=prompt_tokens_of(messages),
-        )
+    def token(self, new_index: int) -> str:
+        return self.answer.token(self.first + new_index)
+
+    def text(self) -> str:
+        """The whole new text, uninterrupted."""
+        return "".join(self.token(i) for i in range(self.max_tokens))
+
+
+def parse_chat(body: dict, default_max: int, cap: int, prefill_mode: str = "any") -> Generation:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
+    conversation, prefill = split_prefill(body, messages, prefill_mode)
+    answer = chat_answer(conversation)
+    produced = None if prefill is None else answer.prefix_tokens(prefill)
+    if produced is None:
+        first, prompt_tokens = 0, prompt_tokens_of(messages)
+    else:  # the prefill's tokens are prompt tokens
+        first, prompt_tokens = produced, prompt_tokens_of(conversation) + produced
+    outcome = None if prefill is None else "continued" if produced is not None else "mismatch"
+    return _generation(ChatShape(), body, answer, first, default_max, cap, prompt_tokens, outcome)
+
+
+def split_prefill(body: dict, messages: list, mode: str) -> tuple[list, str | None]:
+    """(the conversation, the partial answer in a final assistant message or None); PrefillRefused."""
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return messages, None
+    vllm = body.get("continue_final_message") is True and body.get("add_generation_prompt") is False
+    deepseek = last.get("prefix") is True
+    if mode == "vllm" and not vllm:
+        raise PrefillRefused(400, _vllm_refusal(body), code=400, kind="BadRequestError")
+    if mode == "reject" or (mode == "deepseek" and not deepseek):
+        form = "" if mode == "reject" else " without \"prefix\": true"
+        raise PrefillRefused(400, f"this server does not continue a final assistant message{form}",
+                             "prefill_unsupported")
+    return messages[:-1], message_text(last)
+
+
+def _vllm_refusal(body: dict) -> str:
+    if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+        return "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+    return ("the last message is from the assistant: set `continue_final_message: true` and "
+            "`add_generation_prompt: false` to continue it")
+
+
+def parse_text(body: dict, default_max: int, cap: int) -> Generation:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (or a list of one string)", "invalid_prompt")
+    base, answer, first = completion_root(prompt)
+    outcome = "continued" if first else None
+    return _generation(TextShape(), body, answer, first, default_max, cap, text_prompt_tokens(base) + first,
+                       outcome)
+
+
+def _generation(shape, body: dict, answer: Answer, first: int, default_max: int, cap: int,
+                prompt_tokens: int, prefill: str | None) -> Generation:
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 1):
+        raise ApiError(400, "'max_tokens' must be a positive integer", "invalid_max_tokens")
+    # Without a limit the answer ends naturally, default_max tokens from its start, the prefill included.
+    max_tokens = min(asked, cap) if asked is not None else max(0, min(default_max, cap) - first)
+    options = body.get("stream_options") or {}
+    return Generation(
+        shape=shape,
+        stream=bool(body.get("stream")),
+        answer=answer,
+        first=first,
+        max_tokens=max_tokens,
+        finish_reason="length" if asked is not None else "stop",
+        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        prompt_tokens=prompt_tokens,
+        prefill=prefill,
+    )
+
+
+def expected_generation(body: dict, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                        max_output_tokens: int = MAX_OUTPUT_TOKENS) -> Generation:
+    """How a simulator with these limits and prefill `any` answers `body` (chat if it has messages)."""
+    if "messages" in body:
+        return parse_chat(body, default_max_tokens, max_output_tokens)
+    return parse_text(body, default_max_tokens, max_output_tokens)
+
+
+def expected_answer(body: dict, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                    max_output_tokens: int = MAX_OUTPUT_TOKENS) -> str:
+    """The new text a simulator answers to `body`, uninterrupted: for a prefilled request, the rest."""
+    return expected_generation(body, default_max_tokens, max_output_tokens).text()
 
 
 class Simulator:
     """The API server, its control server, the engine, the faults and the crash/restart cycle."""
 
     def __init__(self, model: str, physics: Physics, faults: Faults, time_scale: float = 1.0,
-                 default_max_tokens: int = 32, max_output_tokens: int = 4096, seed: int = 0) -> None:
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, max_output_tokens: int = MAX_OUTPUT_TOKENS,
+                 seed: int = 0) -> None:
         self.model = model
         self.physics = physics
         self.faults = faults
@@ -527,11 +806,10 @@ class Simulator:
             self._apply_status_faults()
             if request.method == "GET" and request.path == "/v1/models":
                 await self._answer(responder, 200, self._models())
-            elif request.method == "POST" and request.path == "/v1/chat/completions":
+            elif request.method == "POST" and request.path in (CHAT_PATH, TEXT_PATH):
                 if not isinstance(body, dict):
                     raise ApiError(400, "the request body must be a JSON object", "invalid_json")
-                chat = ChatRequest.parse(body, self.default_max_tokens, self.max_output_tokens)
-                await self._chat(chat, responder)
+                await self._generate(self._parse_generation(request.path, body), responder)
             else:
                 raise ApiError(404, f"no route for {request.method} {request.path}", "not_found")
         except ApiError as exc:
@@ -569,12 +847,29 @@ class Simulator:
         return {"object": "list", "data": [
             {"id": self.model, "object": "model", "created": self.created, "owned_by": "llmsim"}]}
 
-    # -- chat completions
-    async def _chat(self, chat: ChatRequest, responder: Responder) -> None:
+    # -- chat and legacy completions
+    def _parse_generation(self, path: str, body: dict) -> Generation:
+        if path == TEXT_PATH:
+            gen = parse_text(body, self.default_max_tokens, self.max_output_tokens)
+        else:
+            try:
+                gen = parse_chat(body, self.default_max_tokens, self.max_output_tokens, self.faults.prefill)
+            except PrefillRefused:
+                self.stats.prefill_refused += 1
+                raise
+        if gen.prefill == "continued":
+            self.stats.prefill_continuations += 1
+        elif gen.prefill == "mismatch":
+            self.stats.prefill_mismatches += 1
+            LOG.warning("the final assistant message is not the beginning of this conversation's answer "
+                        "(%r...): answering afresh", message_text(body["messages"][-1])[:40])
+        return gen
+
+    async def _generate(self, gen: Generation, responder: Responder) -> None:
         if self.faults.in_band_error:
-            await self._in_band_error(chat, responder)
+            await self._in_band_error(gen, responder)
             return
-        seq = Sequence(chat.prompt_tokens, chat.max_tokens)
+        seq = Sequence(gen.prompt_tokens, gen.max_tokens)
         self.active.add(seq)
         watcher = asyncio.create_task(self._watch_client(seq, responder))
         try:
@@ -584,10 +879,10 @@ class Simulator:
                 responder.abort()
                 return
             self.engine.submit(seq)  # may crash the server
-            if chat.stream:
-                await self._stream(seq, chat, responder)
+            if gen.stream:
+                await self._stream(seq, gen, responder)
             else:
-                await self._complete(seq, chat, responder)
+                await self._complete(seq, gen, responder)
         except ConnectionError:
             self._client_left(seq)
         finally:
@@ -621,9 +916,9 @@ class Simulator:
             return True
         return False  # CANCELLED: the client left
 
-    async def _stream(self, seq: Sequence, chat: ChatRequest, responder: Responder) -> None:
-        chunk = self._chunk_factory(chat)
-        sent = 0
+    async def _stream(self, seq: Sequence, gen: Generation, responder: Responder) -> None:
+        chunk = self._chunk_factory(gen)
+        sent, stalled = 0, False
         while True:
             item = await seq.tokens.get()
             if item in (CANCELLED, CUT):
@@ -632,21 +927,50 @@ class Simulator:
                 return
             if self._reset_due(seq, sent, responder):
                 return
-            if item == DONE:
+            if not stalled and self.faults.stall_after_chunks == sent:
+                stalled = True
+                await self._stall(responder)
+            if item == DONE or self.faults.ends_without_done(sent, at_end=False):
                 break
-            if not responder.started:
-                self.stats.by_status["200"] += 1
-                await responder.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")])
-            await responder.send(sse(chunk({"role": "assistant", "content": token_text(item)} if item == 0
-                                           else {"content": token_text(item)})))
+            await self._open_stream(responder)
+            await responder.send(sse(chunk(gen.shape.token_choice(gen.token(item), opening=sent == 0))))
             sent += 1
-        await responder.send(sse(chunk({}, chat.finish_reason)))
-        if chat.include_usage:
-            await responder.send(sse(chunk(None, usage=self._usage(seq))))
+        await self._open_stream(responder)
+        if self.faults.ends_without_done(sent, at_end=True):
+            await responder.end()
+            seq.delivered = True
+            self.stats.ended_without_done += 1
+            return
+        if sent == 0 and (opening := gen.shape.opening_choice()) is not None:
+            await responder.send(sse(chunk(opening)))
+        await responder.send(sse(chunk(gen.shape.finish_choice(gen.finish_reason))))
+        if gen.include_usage:
+            await responder.send(sse(chunk(None, usage=self._usage(seq, gen))))
         await responder.send(b"data: [DONE]\n\n")
         await responder.end()
         seq.delivered = True
         self.stats.completed += 1
+
+    async def _open_stream(self, responder: Responder) -> None:
+        """The status line and headers, with the first thing the stream sends."""
+        if not responder.started:
+            self.stats.by_status["200"] += 1
+            await responder.start(200, SSE_HEADERS)
+
+    async def _stall(self, responder: Responder) -> None:
+        """stall_after_chunks: send nothing (or only keep-alive comments) for stall_seconds."""
+        self.stats.stalls += 1
+        deadline = time.monotonic() + self.clock.real(self.faults.stall_seconds)
+        keepalive = self.faults.stall_keepalive
+        interval = self.clock.real(KEEPALIVE_INTERVAL) if keepalive else math.inf
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(responder.disconnected.wait(), min(left, interval))
+            if responder.disconnected.is_set():
+                raise ConnectionResetError("the client left during a stall")
+            if keepalive and deadline - time.monotonic() > 0.001:  # a keep-alive interval passed
+                await self._open_stream(responder)
+                await responder.send(KEEPALIVE)
 
     def _reset_due(self, seq: Sequence, sent: int, responder: Responder) -> bool:
         """reset_after_chunks: cut the connection once that many events went out."""
@@ -661,53 +985,52 @@ class Simulator:
         self.stats.resets += 1
         responder.abort()
 
-    def _chunk_factory(self, chat: ChatRequest):
-        completion_id = f"chatcmpl-sim-{next(self._completion_ids)}"
+    def _chunk_factory(self, gen: Generation):
+        shape = gen.shape
+        completion_id = f"{shape.id_prefix}{next(self._completion_ids)}"
         created = int(time.time())
 
-        def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> dict:
-            obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                   "model": self.model, "system_fingerprint": None,
-                   "choices": [] if delta is None else
-                   [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-            if chat.include_usage:
+        def chunk(choice: dict | None, usage: dict | None = None) -> dict:
+            obj = {"id": completion_id, "object": shape.chunk_object, "created": created, "model": self.model,
+                   **shape.extra, "choices": [] if choice is None else [choice]}
+            if gen.include_usage:
                 obj["usage"] = usage
             return obj
 
         return chunk
 
-    async def _complete(self, seq: Sequence, chat: ChatRequest, responder: Responder) -> None:
-        words = []
+    async def _complete(self, seq: Sequence, gen: Generation, responder: Responder) -> None:
+        tokens = []
         while (item := await seq.tokens.get()) not in (DONE, CANCELLED, CUT):
-            words.append(token_text(item))
+            tokens.append(gen.token(item))
         if item == CUT:
             responder.abort()
         elif item == DONE and self.faults.reset_after_chunks is not None:
             self._reset(seq, responder)
         if item != DONE or responder.disconnected.is_set():
             return
+        shape = gen.shape
         await self._answer(responder, 200, {
-            "id": f"chatcmpl-sim-{next(self._completion_ids)}", "object": "chat.completion",
-            "created": int(time.time()), "model": self.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
-                         "logprobs": None, "finish_reason": chat.finish_reason}],
-            "usage": self._usage(seq),
+            "id": f"{shape.id_prefix}{next(self._completion_ids)}", "object": shape.whole_object,
+            "created": int(time.time()), "model": self.model, **shape.extra,
+            "choices": [shape.whole_choice("".join(tokens), gen.finish_reason)],
+            "usage": self._usage(seq, gen),
         })
         seq.delivered = True
         self.stats.completed += 1
 
     @staticmethod
-    def _usage(seq: Sequence) -> dict:
-        return {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.generated,
-                "total_tokens": seq.prompt_tokens + seq.generated}
+    def _usage(seq: Sequence, gen: Generation) -> dict:
+        return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": seq.generated,
+                "total_tokens": gen.prompt_tokens + seq.generated}
 
-    async def _in_band_error(self, chat: ChatRequest, responder: Responder) -> None:
+    async def _in_band_error(self, gen: Generation, responder: Responder) -> None:
         error = ApiError(500, "simulated in-band error", "simulated_in_band_error").body()
         self.stats.by_status["200"] += 1
-        if not chat.stream:
+        if not gen.stream:
             await responder.respond(200, json_bytes(error), [("content-type", "application/json")])
             return
-        await responder.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")])
+        await responder.start(200, SSE_HEADERS)
         await responder.send(sse(error))
         await responder.end()
 
@@ -767,6 +1090,11 @@ class Simulator:
             "crash_times": list(self.stats.crash_times),
             "resets": self.stats.resets,
             "client_disconnects": self.stats.client_disconnects,
+            "stalls": self.stats.stalls,
+            "prefill_continuations": self.stats.prefill_continuations,
+            "prefill_mismatches": self.stats.prefill_mismatches,
+            "prefill_refused": self.stats.prefill_refused,
+            "ended_without_done": self.stats.ended_without_done,
             "last_request": dict(self.stats.last_request),
             "faults": asdict(self.faults),
         }
@@ -788,9 +1116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-physics", action="store_true", help="an ideal server: no queue, no delays, no memory limit")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiplies every duration; default 1")
     p.add_argument("--seed", type=int, default=0, help="seed of error_rate's coin; default 0")
-    p.add_argument("--default-max-tokens", type=int, default=32,
-                   help="answer length when the request names no max_tokens; default 32")
-    p.add_argument("--max-output-tokens", type=int, default=4096, help="cap on max_tokens; default 4096")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"answer length when the request names no max_tokens; default {DEFAULT_MAX_TOKENS}")
+    p.add_argument("--max-output-tokens", type=int, default=MAX_OUTPUT_TOKENS,
+                   help=f"cap on max_tokens; default {MAX_OUTPUT_TOKENS}")
     p.add_argument("--log-level", default="INFO", help="of the lines on stderr; default INFO")
     physics = p.add_argument_group("physics; each defaults to the preset's value, shown as primary / fallback")
     for name, flag, meaning in [
@@ -819,6 +1148,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     faults.add_argument("--refuse", action="store_true", help="start with the API port refusing connections")
     faults.add_argument("--slow-start", type=float, default=0.0,
                         help="seconds of warm-up after each (re)start, during which the server is slow")
+    faults.add_argument("--stall-after-chunks", type=int, default=None,
+                        help="each stream goes silent after this many content events")
+    faults.add_argument("--stall-seconds", type=float, default=60.0, help="how long a stall lasts; default 60")
+    faults.add_argument("--stall-keepalive", action="store_true",
+                        help="send a keep-alive comment every second of a stall")
+    faults.add_argument("--no-done", nargs="?", type=int, const=True, default=False, metavar="N",
+                        help="streams end cleanly without their finish chunk and [DONE]: after the last "
+                             "content event, or after N of them")
+    faults.add_argument("--prefill", choices=PREFILL_MODES, default="any",
+                        help="which final assistant messages are continued: any (default), vllm "
+                             "(continue_final_message), deepseek (prefix: true), reject (400)")
     args = p.parse_args(argv)
     if args.time_scale <= 0:
         p.error("--time-scale must be positive")
@@ -834,7 +1174,9 @@ def build(args: argparse.Namespace) -> Simulator:
     faults = Faults().updated({
         "error_rate": args.error_rate, "status": args.status, "in_band_error": args.in_band_error,
         "first_token_delay": args.first_token_delay, "reset_after_chunks": args.reset_after_chunks,
-        "refuse": args.refuse, "slow_start": args.slow_start,
+        "refuse": args.refuse, "slow_start": args.slow_start, "stall_after_chunks": args.stall_after_chunks,
+        "stall_seconds": args.stall_seconds, "stall_keepalive": args.stall_keepalive, "no_done": args.no_done,
+        "prefill": args.prefill,
     })
     return Simulator(args.model or model, physics, faults, time_scale=args.time_scale,
                      default_max_tokens=args.default_max_tokens, max_output_tokens=args.max_output_tokens,
