@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test peers bench-overhead bench-spike bench-peers clean
+.PHONY: demo test peers bench-overhead bench-soak bench-spike bench-peers demo-cluster bench-cluster clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m llmbench.demo
 
+# Interleaved rounds of direct / bare mitmdump / mitmdump + llm-ha, about 8 minutes; BENCH_ARGS=--quick for a
+# smoke run, BENCH_ARGS="--only sweep" for one part (python -m llmbench.bench_overhead --help).
 bench-overhead: $(STAMP)
-	$(PY) -m llmbench.bench_overhead
+	$(PY) -m llmbench.bench_overhead $(BENCH_ARGS)
+
+# 10,000 streamed requests, 100 at a time, through llm-ha: mitmdump's RSS and fds every 10 s.
+bench-soak: $(STAMP)
+	$(PY) -m llmbench.bench_soak $(BENCH_ARGS)
 
 bench-spike: $(STAMP)
 	$(PY) -m llmbench.bench_spike
@@ -32,6 +38,13 @@ peers: $(STAMP)
 
 bench-peers: peers
 	$(PY) -m llmbench.bench_peers
+
+# Several instances sharing state through Redis behind nginx round-robin (Debian's redis-server and nginx).
+demo-cluster: $(STAMP)
+	$(PY) -m llmbench.cluster
+
+bench-cluster: $(STAMP)
+	$(PY) -m llmbench.bench_cluster
 
 clean:
 	rm -rf $(VENV) .venv-litellm .pytest_cache build *.egg-info addons/*.egg-info sim/*.egg-info bench/*.egg-info

@@ -49,9 +49,13 @@ def expected_text(events: list[dict]) -> str:
     return "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
 
 
+def attempts_of(flow) -> list[dict]:
+    return flow.metadata["llm_ha"]["attempts"]
+
+
 def test_a_recorded_stream_is_shown_assembled_by_default(registered, flows):
-    flow = next(f for f in flows if f.metadata["llm_ha"]["summary"].startswith("primary ok")
-                and f.metadata["llm_ha"]["streamed"])
+    flow = next(f for f in flows if f.metadata["llm_ha"]["streamed"] and len(attempts_of(f)) == 1
+                and attempts_of(f)[0]["outcome"] == "ok")
     events = data_events(flow.response.content)
     result = shown(flow)
 
@@ -59,20 +63,45 @@ def test_a_recorded_stream_is_shown_assembled_by_default(registered, flows):
     text = result.text
     content = text.split("--- content ---\n", 1)[1].rstrip("\n")
     assert content == expected_text(events) and content.startswith("lorem ipsum")
-    winner = flow.metadata["llm_ha"]["attempts"][-1]
+    winner = attempts_of(flow)[0]
+    waited = winner["start"] + winner["ttfb_s"] - flow.request.timestamp_start
     assert f"model:         {events[0]['model']}" in text
     assert "finish reason: length" in text
     assert f"chunks:        {len(events)}\n" in text
-    assert f"first chunk:   {winner['ttfb_s'] * 1000:.0f} ms (llm-ha, primary {winner['node']})" in text
+    assert (f"first chunk:   {waited * 1000:.0f} ms for the client; primary {winner['node']} took "
+            f"{winner['ttfb_s'] * 1000:.0f} ms (attempt 1 of 1)\n") in text
     assert f"llm-ha:        {flow.comment}" in text
 
 
-def test_a_failed_over_stream_shows_the_attempts_and_the_fallbacks_answer(registered, flows):
-    flow = next(f for f in flows if " -> fallback ok" in f.comment)
+def test_a_failed_over_stream_shows_the_attempts_as_a_table_and_both_waits(registered, flows):
+    flow = next(f for f in flows if len(attempts_of(f)) == 2 and attempts_of(f)[1]["upstream"] == "fallback")
+    late, answer = attempts_of(flow)
     text = shown(flow).text
     assert "model:         qwen-plus" in text
-    assert f"llm-ha:        {flow.comment}" in text and flow.comment.startswith("primary timeout")
-    assert "(llm-ha, fallback http://" in text
+    assert f"llm-ha:        {flow.comment}" in text
+    waited = answer["start"] + answer["ttfb_s"] - flow.request.timestamp_start
+    assert waited > late["timeout_s"] > answer["ttfb_s"], "the client waited for the primary's timeout too"
+    assert (f"first chunk:   {waited * 1000:.0f} ms for the client; fallback {answer['node']} took "
+            f"{answer['ttfb_s'] * 1000:.0f} ms (attempt 2 of 2)\n") in text
+    table = text.split("attempts:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert [row.split() for row in table] == [
+        ["#", "upstream", "node", "outcome", "status", "TTFB", "ms", "duration", "ms"],
+        ["1", "primary", late["node"], "timeout", "-", "-", f"{late['duration_s'] * 1000:.0f}"],
+        ["2", "fallback", answer["node"], "ok", "200", f"{answer['ttfb_s'] * 1000:.0f}",
+         f"{answer['duration_s'] * 1000:.0f}"]]
+
+
+def test_a_resumed_stream_times_its_first_chunk_on_the_attempt_that_sent_it(registered):
+    flow = sse_flow(sse(chunk({"content": "Hel"}), chunk({"content": "lo"}, finish="stop")))
+    flow.request.timestamp_start = 100.0
+    flow.metadata["llm_ha"] = {"upstream": "fallback", "summary": "...", "attempts": [
+        {"upstream": "primary", "node": "http://p", "start": 100.01, "outcome": "stream_cut", "status": 200,
+         "ttfb_s": 0.05, "duration_s": 0.4, "events": 41},
+        {"upstream": "fallback", "node": "http://f", "start": 100.41, "outcome": "ok", "status": 200,
+         "ttfb_s": 0.09, "duration_s": 0.3, "resumed": True}]}
+    text = shown(flow).text
+    assert "first chunk:   60 ms for the client; primary http://p took 50 ms (attempt 1 of 2)\n" in text
+    assert "stream_cut after 41 events" in text and "ok (resumed)" in text
 
 
 def test_usage_is_shown_when_the_stream_carries_it(registered, flows):
@@ -151,3 +180,21 @@ def test_the_view_can_be_removed_again(flows):
     assert "llm stream" not in contentviews.registry
     with taddons.context():
         assert shown(flows[0]).view_name != "LLM stream"
+
+
+def test_the_comment_leads_with_who_answered():
+    from llmha.addons.flowgate import summarize
+
+    def attempt(upstream, outcome, **more):
+        return {"upstream": upstream, "node": f"http://{upstream}", "start": 0.0, "outcome": outcome, **more}
+
+    late = attempt("primary", "timeout", timeout_s=0.2)
+    assert summarize([attempt("primary", "ok", status=200, ttfb_s=0.083)]) == "primary 83ms"
+    assert summarize([late, attempt("fallback", "ok", status=200, ttfb_s=0.083)]) == "fallback 83ms ← primary timeout 200ms"
+    assert summarize([late, attempt("fallback", "http_error", status=500)]) == \
+        "none ← fallback http_error 500 ← primary timeout 200ms"
+    assert summarize([attempt("primary", "client_error", status=400)]) == "primary client_error 400"
+    assert summarize([]) == "none ← no upstream node to try"
+    broken = attempt("primary", "stream_cut", status=200, ttfb_s=0.08, events=41)
+    resumed = attempt("fallback", "ok", status=200, ttfb_s=0.095, resumed=True)
+    assert summarize([broken, resumed]) == "fallback resumed 95ms ← primary ok 80ms, stream_cut after 41 events"

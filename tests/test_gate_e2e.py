@@ -92,7 +92,8 @@ def test_healthy_primary_streams_token_by_token_and_the_flow_is_recorded(simulat
     assert meta["upstream"] == "primary" and [a["outcome"] for a in meta["attempts"]] == ["ok"]
     attempt = meta["attempts"][0]
     assert 0 < attempt["ttfb_s"] < attempt["duration_s"]
-    assert flow.comment.startswith("primary ok ")
+    assert flow.comment == f"primary {attempt['ttfb_s'] * 1000:.0f}ms", "who answered, and no failover"
+    assert not flow.marked and flow.server_conn.address == ("127.0.0.1", primary.port), "the real node, not the hand-off"
 
 
 def test_reverse_target_down_from_the_start_everything_served_by_the_fallback(simulators, proxies, closed_port):
@@ -237,7 +238,8 @@ def test_client_disconnect_closes_the_upstream_stream(simulators, proxies):
     body = json.dumps({"model": "m", "stream": True, "max_tokens": 400,
                        "messages": [{"role": "user", "content": "long"}]}).encode()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n".encode()
+                     + b"Content-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         received = b""
         while b"data: " not in received:  # headers may come in a segment of their own

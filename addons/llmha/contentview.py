@@ -3,11 +3,12 @@
 For a streamed answer (`text/event-stream` of `chat.completion.chunk` events) it shows the assistant
 message put back together (content, and `reasoning_content` when the model sends it), the model, the
 finish reason, the usage, the number of chunks, the time to the first chunk, and llm-ha's attempt
-summary. A plain `chat.completion` JSON answer gets the same, without chunks.
+summary and attempts, as a table. A plain `chat.completion` JSON answer gets the same, without chunks.
 
-The time to the first chunk is the winning attempt's `ttfb_s` from llm-ha's flow metadata when the
-flow went through llm-ha; otherwise it is approximated from the flow's timestamps (request start to
-response headers), since mitmproxy keeps no per-chunk times.
+For a flow that went through llm-ha, the first chunk line gives both what the client waited (from its
+request to the answering attempt's first byte, failed attempts included) and what the answering
+attempt took, from llm-ha's record. Otherwise it is approximated from the flow's timestamps (request
+start to response headers), since mitmproxy keeps no per-chunk times.
 
 Registering (the addon does it): `contentviews.add(llm_stream_view)` in `load`, `remove_view()` in `done`.
 """
@@ -107,23 +108,58 @@ def _append(parts: list[str], text) -> None:
 
 # -- what llm-ha (or the flow's timestamps) says about the answer's timing
 
-def first_chunk_time(flow) -> tuple[float | None, str]:
-    """(seconds to the first chunk, where the number comes from)."""
+def llm_ha_record(flow) -> dict:
+    """What llm-ha recorded on the flow (`flow.metadata["llm_ha"]`); empty if it did not handle it."""
     meta = getattr(flow, "metadata", {}).get(META_KEY) if flow is not None else None
-    attempts = meta.get("attempts") if isinstance(meta, dict) else None
-    if attempts:
-        winner = next((a for a in reversed(attempts) if a.get("outcome") in ("ok", "stream_cut")), attempts[-1])
-        if winner.get("ttfb_s") is not None:
-            return winner["ttfb_s"], f"llm-ha, {winner.get('upstream')} {winner.get('node')}"
+    return meta if isinstance(meta, dict) else {}
+
+
+def first_chunk_text(flow) -> str | None:
+    """`284 ms for the client; fallback http://... took 83 ms (attempt 2 of 2)`, or an approximation."""
+    record = llm_ha_record(flow)
+    attempts = record.get("attempts") or []
+    first = _first_answering(record)
+    if first is not None and first.get("ttfb_s") is not None:
+        start = getattr(getattr(flow, "request", None), "timestamp_start", None) or attempts[0]["start"]
+        waited = first["start"] + first["ttfb_s"] - start
+        return (f"{waited * 1000:.0f} ms for the client; {first['upstream']} {first['node']} took "
+                f"{first['ttfb_s'] * 1000:.0f} ms (attempt {attempts.index(first) + 1} of {len(attempts)})")
     if isinstance(flow, http.HTTPFlow) and flow.response and flow.response.timestamp_start:
-        return (flow.response.timestamp_start - flow.request.timestamp_start,
-                "approximated: request start to response headers")
-    return None, ""
+        waited = flow.response.timestamp_start - flow.request.timestamp_start
+        return f"{waited * 1000:.0f} ms (approximated: request start to response headers)"
+    return None
 
 
-def attempt_summary(flow) -> str | None:
-    meta = getattr(flow, "metadata", {}).get(META_KEY) if flow is not None else None
-    return meta.get("summary") if isinstance(meta, dict) else None
+def _first_answering(record: dict) -> dict | None:
+    """The attempt whose first byte the client got: the last one, unless a stream broke and was resumed."""
+    attempts = record.get("attempts") or []
+    if not attempts or record.get("upstream") == "none":
+        return None
+    return next((a for a in attempts if a.get("events") is not None), attempts[-1])
+
+
+ATTEMPT_COLUMNS = ("#", "upstream", "node", "outcome", "status", "TTFB ms", "duration ms")
+
+
+def attempts_table(attempts: list[dict]) -> list[str]:
+    """One row per upstream attempt, in the order they were made."""
+    rows = [ATTEMPT_COLUMNS] + [_attempt_row(index, a) for index, a in enumerate(attempts, 1)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(ATTEMPT_COLUMNS))]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _attempt_row(index: int, a: dict) -> tuple[str, ...]:
+    outcome = str(a.get("outcome") or "-")
+    if a.get("events") is not None:
+        outcome += f" after {a['events']} events"
+    if a.get("resumed"):
+        outcome += " (resumed)"
+    return (str(index), str(a.get("upstream", "-")), str(a.get("node", "-")), outcome,
+            str(a.get("status") or "-"), _ms(a.get("ttfb_s")), _ms(a.get("duration_s")))
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
 # -- the view
@@ -155,13 +191,14 @@ def render(completion: Completion, flow, streamed: bool) -> str:
     if streamed:
         ending = "" if completion.done else " (no [DONE]: the stream ended early)"
         lines.append(f"chunks:        {completion.chunks}{ending}")
-    ttfb, source = first_chunk_time(flow)
-    if ttfb is not None:
-        label = "first chunk:  " if streamed else "first byte:   "
-        lines.append(f"{label} {ttfb * 1000:.0f} ms ({source})")
-    summary = attempt_summary(flow)
-    if summary:
-        lines.append(f"llm-ha:        {summary}")
+    first = first_chunk_text(flow)
+    if first:
+        lines.append(f"{'first chunk:' if streamed else 'first byte:':<15}{first}")
+    record = llm_ha_record(flow)
+    if record.get("summary"):
+        lines.append(f"llm-ha:        {record['summary']}")
+    if record.get("attempts"):
+        lines += ["attempts:", *attempts_table(record["attempts"])]
     for message in completion.errors:
         lines.append(f"error:         {message}")
     for index, choice in sorted(completion.choices.items()):

@@ -36,7 +36,8 @@ EVENTS_SHOWN = 6
 MISSING = "–"
 
 STATE_STYLES = {"healthy": "green", "ejected": "bold red"}
-ACTION_STYLES = {"eject": "bold red", "uneject": "green", "failover": "yellow", "k_decrease": "cyan"}
+ACTION_STYLES = {"eject": "bold red", "uneject": "green", "failover": "yellow", "k_decrease": "cyan",
+                 "reset": "magenta"}
 EVENT_FIELDS_SHOWN_SPECIALLY = {"ts", "action", "upstream", "node", "k", "duration_s", "failure_rate"}
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.connection import ConnectionState
 
-from ..core.types import META_KEY, AttemptRecord, describe_attempt
-from ..proxy.gate import GateResult, LlmRequest, internal_error_answer
+from ..core.splice import StreamFollower
+from ..core.types import META_KEY, AttemptRecord, Outcome, describe_attempt
+from ..proxy.gate import CLIENT_CREDENTIALS, GateResult, LlmRequest, internal_error_answer
+from ..proxy.handoff import Relay
 from .runtime import Runtime, RuntimeLoader
 
 logger = logging.getLogger("llm_ha")
@@ -28,7 +32,7 @@ class _Handoff:
 
     original: http.Request  # the client's request, put back on the flow in `responseheaders`
     path: str
-    record: AttemptRecord  # the winning attempt: its duration (or cut) is known only at the end
+    attempts: list[AttemptRecord]  # the stream's attempts so far; continuations add theirs
     runtime: Runtime
 
 
@@ -41,11 +45,13 @@ class FlowGate:
     def __init__(self, loader: RuntimeLoader) -> None:
         self.loader = loader
         self.last = _LastInChain(self)
+        self.client_watch = ClientWatch()
 
     def load(self, loader) -> None:
         ctx.master.addons.add(self.last)
 
     def done(self) -> None:
+        self.client_watch.stop()
         with contextlib.suppress(ValueError, exceptions.AddonManagerError):
             ctx.master.addons.remove(self.last)
 
@@ -53,24 +59,35 @@ class FlowGate:
         runtime = self.loader.runtime
         if runtime is None or not flow.live or flow.response or flow.error:
             return
-        if not runtime.filter(flow) or flow.request.raw_content is None:
+        if _passes_untouched(flow.request) or not runtime.selects(flow):
             return
+        if flow.request.stream or flow.request.raw_content is None:  # its body went on already: never send it twice
+            return  # (stream_large_bodies, refused while a profile is loaded: runtime.py)
         while flow.intercepted:  # let the user edit first; kill() ends the wait too
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(flow.wait_for_resume(), 0.5)
         if flow.error or flow.response:
             return
         await runtime.ensure_started()
-        request = LlmRequest.parse_body(flow.request.method, flow.request.path,
-                                        list(flow.request.headers.items(multi=True)), flow.request.raw_content)
+        headers = list(flow.request.headers.items(multi=True))
+        if not runtime.addresses_primary(flow):  # the client's credentials are for the host it addressed
+            headers = [(k, v) for k, v in headers if k.lower() not in CLIENT_CREDENTIALS]
+        request = LlmRequest.parse_body(flow.request.method, flow.request.path, headers, flow.request.raw_content)
+        result = GateResult()
         try:
-            result = await runtime.gate.run(request, runtime.candidates())
+            finished = await self.client_watch.run(flow, runtime.gate.run(request, runtime.candidates(), result))
         except Exception:  # a bug of ours must not send the flow on unguarded: answer with an error
             logger.exception("llm-ha: the gate failed on this request")
             result = GateResult(answer=internal_error_answer())
-        self._deliver(flow, runtime, result)
+            finished = True
+        if not finished:
+            _abandon(flow, runtime, result)
+            return
+        if len(result.attempts) > 1 or result.winner is None:
+            _log_flow(flow, summarize([a.to_dict() for a in result.attempts]))
+        self._deliver(flow, runtime, request, result)
 
-    def _deliver(self, flow: http.HTTPFlow, runtime: Runtime, result: GateResult) -> None:
+    def _deliver(self, flow: http.HTTPFlow, runtime: Runtime, request: LlmRequest, result: GateResult) -> None:
         attempts = [a.to_dict() for a in result.attempts]
         summary = summarize(attempts)
         flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": result.upstream_name,
@@ -78,8 +95,13 @@ class FlowGate:
         flow.comment = summary
         extra = [("x-llm-ha-upstream", result.upstream_name), ("x-llm-ha-attempts", str(len(attempts)))]
         if result.stream:
-            path = runtime.handoff.register(result.stream, extra)
-            _handoffs[flow.id] = _Handoff(flow.request, path, result.stream.record, runtime)
+            relay = Relay(result.stream, extra)
+            protocol = request.protocol
+            if protocol is not None:
+                relay.follower = StreamFollower(protocol, usage_wanted=request.wants_usage)
+                relay.resume = runtime.resumer(request, result.attempts)
+            path = runtime.handoff.register(relay)
+            _handoffs[flow.id] = _Handoff(flow.request, path, result.attempts, runtime)
             _point_at_handoff(flow, runtime.handoff.port, path)
         elif result.answer:
             answer = result.answer
@@ -93,14 +115,17 @@ class FlowGate:
         if handoff:
             flow.request.data = handoff.original.data
             flow.response.stream = True
+            _show_who_answered(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._end_handoff(flow)
+        _show_who_answered(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         handoff = self._end_handoff(flow)
         if handoff:
             handoff.runtime.handoff.release(handoff.path)
+        _show_who_answered(flow)
 
     def _end_handoff(self, flow: http.HTTPFlow) -> _Handoff | None:
         """Put the real request back and record the streamed attempt's duration (or cut) on the flow."""
@@ -110,7 +135,8 @@ class FlowGate:
         flow.request.data = handoff.original.data
         meta = flow.metadata.get(META_KEY)
         if meta:
-            meta["attempts"][-1] = handoff.record.to_dict()
+            meta["attempts"] = [a.to_dict() for a in handoff.attempts]
+            meta["upstream"] = handoff.attempts[-1].upstream
             flow.comment = meta["summary"] = summarize(meta["attempts"])
         return handoff
 
@@ -125,6 +151,79 @@ class _LastInChain:
         await self.gate.gate_request(flow)
 
 
+def _passes_untouched(request: http.Request) -> bool:
+    """What the gate cannot send itself goes through mitmproxy as it came: protocol upgrades (WebSocket,
+    h2c) and CONNECT (HTTP/2 WebSockets too)."""
+    return request.method == "CONNECT" or "upgrade" in request.headers
+
+
+CLIENT_CHECK_S = 0.05
+
+
+class ClientWatch:
+    """Cancels the gate of a flow whose client has gone away.
+
+    mitmproxy does not cancel a `request` hook when the client leaves; it notices only once the hook
+    returns. Until then the one sign is the client connection losing `CAN_READ` (its reader saw the
+    end), so a single task looks at every gated flow's client connection every `CLIENT_CHECK_S`.
+    HTTP/2 clients that reset one stream but keep the connection are not noticed.
+    """
+
+    def __init__(self) -> None:
+        self._gated: dict[asyncio.Task, http.HTTPFlow] = {}
+        self._ticker: asyncio.Task | None = None
+
+    async def run(self, flow: http.HTTPFlow, gate: Coroutine) -> bool:
+        """Run `gate` while the client stays: True when it finished, False when the client left (it was cancelled)."""
+        task = asyncio.ensure_future(gate)
+        if flow.client_conn.state & ConnectionState.CAN_READ:  # else a connection of unknown kind: not watched
+            self._gated[task] = flow
+            if self._ticker is None:
+                self._ticker = asyncio.create_task(self._watch())
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:  # the hook itself is cancelled (mitmproxy shuts down)
+            task.cancel()
+            raise
+        finally:
+            self._gated.pop(task, None)
+        if task.cancelled():
+            return False
+        task.result()  # raises what the gate raised
+        return True
+
+    def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+            self._ticker = None
+
+    async def _watch(self) -> None:
+        while self._gated:
+            await asyncio.sleep(CLIENT_CHECK_S)
+            for task, flow in list(self._gated.items()):
+                if not flow.client_conn.state & ConnectionState.CAN_READ:
+                    task.cancel()
+        self._ticker = None
+
+
+def _abandon(flow: http.HTTPFlow, runtime: Runtime, result: GateResult) -> None:
+    """The client left before an answer: its attempt was closed, nothing more is tried; kill the flow."""
+    attempts = [a.to_dict() for a in result.attempts]
+    summary = " ← ".join(["client left", *(describe_attempt(a) for a in reversed(attempts))])
+    flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": "none", "attempts": attempts,
+                               "summary": summary, "streamed": False, "client_left": True}
+    flow.comment = summary
+    _log_flow(flow, summary)
+    if flow.killable:
+        flow.kill()
+
+
+def _log_flow(flow: http.HTTPFlow, what: str) -> None:
+    """One line in mitmdump's own output, with the client's address as mitmproxy shows it."""
+    logger.info(f"llm-ha: {flow.request.method} {flow.request.path}: {what}",
+                extra={"client": flow.client_conn.peername})
+
+
 def _point_at_handoff(flow: http.HTTPFlow, port: int, path: str) -> None:
     hop = flow.request.copy()
     hop.scheme, hop.host, hop.port, hop.path = "http", "127.0.0.1", port, path
@@ -135,6 +234,61 @@ def _point_at_handoff(flow: http.HTTPFlow, port: int, path: str) -> None:
     flow.server_conn = connection.Server(address=("127.0.0.1", port))
 
 
+# -- who answered, as the flow list shows it
+
+FAILED_OVER_MARKER = ":default:"  # mitmproxy's plain mark: `~marked` lists the flows that failed over
+
+
 def summarize(attempts: Sequence[dict]) -> str:
-    """`primary timeout 200ms -> fallback ok 83ms`."""
-    return " -> ".join(describe_attempt(a) for a in attempts) or "llm-ha: no attempt"
+    """Who answered first, then the attempts that failed before it, latest first (the flow's comment):
+    `primary 83ms`, `fallback 83ms ← primary timeout 200ms`, `none ← fallback http_error 500 ← primary timeout 200ms`.
+    """
+    if not attempts:
+        return "none ← no upstream node to try"
+    *before, last = attempts
+    lead = _who_answered(last) if answered(last) else f"none ← {describe_attempt(last)}"
+    return " ← ".join([lead, *(describe_attempt(a) for a in reversed(before))])
+
+
+def answered(attempt: dict) -> bool:
+    """The client got this attempt's answer, or the start of it."""
+    return attempt["outcome"] in _ANSWERS or attempt.get("events") is not None  # events: it broke later
+
+
+_ANSWERS = (Outcome.OK, Outcome.CLIENT_ERROR, Outcome.STREAM_CUT)
+
+
+def _who_answered(attempt: dict) -> str:
+    if attempt["outcome"] != Outcome.OK or attempt.get("events") is not None:
+        return describe_attempt(attempt)  # `primary client_error 400`, `primary ok 80ms, stream_cut after 41 events`
+    ttfb = attempt.get("ttfb_s")
+    words = (attempt["upstream"], "resumed" if attempt.get("resumed") else "",
+             f"{ttfb * 1000:.0f}ms" if ttfb is not None else "")
+    return " ".join(w for w in words if w)
+
+
+def _show_who_answered(flow: http.HTTPFlow) -> None:
+    """Mark a flow that failed over, and name the node that answered as its server."""
+    meta = flow.metadata.get(META_KEY)
+    if not meta or not meta.get("attempts"):
+        return
+    attempts = meta["attempts"]
+    if len(attempts) > 1 and not flow.marked:
+        flow.marked = FAILED_OVER_MARKER
+    if answered(attempts[-1]):
+        _name_server(flow, attempts[-1]["node"])
+
+
+def _name_server(flow: http.HTTPFlow, node_url: str) -> None:
+    """Show and record `node_url` as the flow's server instead of the hand-off server (or the reverse target).
+
+    On a copy: the proxy keeps using its own connection object, and would reuse a connection whose
+    address said the node's for the node's next requests.
+    """
+    url = urlsplit(node_url)
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    if flow.server_conn.address == address:
+        return
+    state = flow.server_conn.get_state()
+    state["address"] = state["peername"] = address  # the node's IP is unknown for a host name: show the name
+    flow.server_conn = connection.Server.from_state(state)

@@ -8,22 +8,29 @@ addons reach it through `RuntimeLoader.runtime`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
+import secrets
+import socket
 import time
 from collections import deque
+from urllib.parse import urlsplit
 
 import httpx
-from mitmproxy import ctx, exceptions, flowfilter
+from mitmproxy import ctx, exceptions, flowfilter, http
+from mitmproxy.proxy import mode_specs
 
 from ..core.candidates import Candidate, CandidatePicker
 from ..core.health import HealthEvent
 from ..core.nodes import NodePool
 from ..core.profile import Profile, ProfileError, load_profile
-from ..core.status import build_status
-from ..core.types import AttemptRecord, NodeId, describe_attempt
-from ..proxy.gate import Gate
-from ..proxy.handoff import HandoffServer
+from ..core.splice import plan_resume
+from ..core.status import build_status, is_loopback
+from ..core.types import AttemptRecord, NodeId, Outcome, describe_attempt
+from ..proxy.gate import Gate, LlmRequest, OpenStream
+from ..proxy.handoff import HandoffServer, Relay, Resumer
 from ..proxy.modes import mode_url
 from .eventlog import EventLog
 
@@ -34,14 +41,21 @@ _retiring: set[asyncio.Task] = set()  # module-level: outlives the addon object 
 TICK_S = 0.25
 
 
+def instance_id() -> str:
+    """`host-pid-xxxx`: which llm-ha process this is, among several sharing state or behind a load balancer."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
 class Runtime:
     """Everything that lives as long as one loaded profile."""
 
-    def __init__(self, profile: Profile, events: EventLog, upstream_proxy: str | None = None) -> None:
+    def __init__(self, profile: Profile, events: EventLog, upstream_proxy: str | None = None,
+                 instance: str = "") -> None:
         self.profile = profile
         self.filter = flowfilter.parse(profile.match)
         self.events = events
-        self.pool = NodePool(profile, time.time(), listener=self._on_health_event)
+        self.instance = instance or instance_id()
+        self.pool = self._node_pool()
         self.picker = CandidatePicker(profile)
         self.client = httpx.AsyncClient(trust_env=False, proxy=upstream_proxy,
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
@@ -51,6 +65,13 @@ class Runtime:
         self._started: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self.loop_lags: deque[float] = deque(maxlen=20)
+
+    def _node_pool(self) -> NodePool:
+        if not self.profile.shared_state:
+            return NodePool(self.profile, time.time(), listener=self._on_health_event)
+        from ..shared.pool import SharedNodePool  # Redis's client is imported only by those who use it
+
+        return SharedNodePool(self.profile, time.time(), listener=self._on_health_event, instance=self.instance)
 
     @property
     def started(self) -> bool:
@@ -63,6 +84,8 @@ class Runtime:
 
     async def _start(self) -> None:
         await self.handoff.start()
+        if self.shared:
+            await self.shared.start()
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def retire(self) -> None:
@@ -73,16 +96,78 @@ class Runtime:
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        if self.shared:
+            await self.shared.stop()
         await self.handoff.stop()
         await self.client.aclose()
 
     def candidates(self) -> list[Candidate]:
         return self.picker.candidates(self.pool, time.time())
 
+    def selects(self, flow: http.HTTPFlow) -> bool:
+        """An LLM flow: it matches the profile's `match`, and, if that is the default, goes to the primary.
+
+        In reverse-proxy mode every flow goes to the primary. In the other modes (regular, upstream,
+        ...) the client talks to any host: the default `match` then takes only flows addressed to one of
+        the primary's nodes, so that no other host's traffic, and credentials, are ever redirected. A
+        `match` written in the profile is taken as it is: the user chose what to redirect.
+        """
+        return self.filter(flow) and (self.profile.match_given or self.addresses_primary(flow))
+
+    def addresses_primary(self, flow: http.HTTPFlow) -> bool:
+        """The client talks to the primary: through the reverse proxy, to the proxy itself as its server
+        (`base_url` = the proxy, in regular mode), or to one of the primary's nodes' host and port."""
+        if isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode) or _addresses_the_proxy(flow):
+            return True
+        return (flow.request.host.lower(), flow.request.port) in self._primary_addresses
+
+    @functools.cached_property
+    def _primary_addresses(self) -> set[tuple[str, int]]:
+        urls = [urlsplit(url) for url in self.profile.upstreams[0].nodes]
+        return {((u.hostname or "").lower(), u.port or (443 if u.scheme == "https" else 80)) for u in urls}
+
     def status(self) -> dict:
-        status = build_status(self.pool, self.events, time.time())
+        status = {"instance": self.instance, **build_status(self.pool, self.events, time.time())}
         status["proxy"] = {"loop_lag_ms": round(max(self.loop_lags, default=0.0) * 1000, 1)}
+        if self.shared:
+            status["shared_state"] = self.shared.describe()
         return status
+
+    @property
+    def shared(self):
+        """The pool shared with other instances through Redis (`SharedNodePool`), if the profile has one."""
+        return self.pool if self.profile.shared_state else None
+
+    def resumer(self, request: LlmRequest, attempts: list[AttemptRecord]) -> Resumer:
+        """How a stream of `request` that breaks is continued: on the next candidates that may resume."""
+
+        async def resume(relay: Relay, broken: OpenStream, outcome: Outcome) -> OpenStream | None:
+            answer = relay.follower.answer
+            plan = plan_resume(relay.follower.protocol, answer, request.payload)
+            candidates = [c for c in self.candidates() if c.upstream.resume != "off" and c.node != broken.candidate.node]
+            if not plan.possible or not candidates:
+                relay.why_not_resumed = plan.reason or "no upstream may resume it (resume: off)"
+                return None
+            result = await self.gate.run(request.continued(answer), candidates)
+            attempts.extend(result.attempts)
+            if result.stream is None:
+                relay.why_not_resumed = "; ".join(describe_attempt(a) for a in result.attempts)
+                return None
+            result.stream.record.resumed = True
+            self._on_resume(broken, result.stream, outcome, answer.events)
+            return result.stream
+
+        return resume
+
+    def _on_resume(self, broken: OpenStream, continuation: OpenStream, outcome: Outcome, events: int) -> None:
+        self.pool[continuation.candidate.node].resumes += 1
+        to = continuation.candidate
+        self.events.add({"ts": time.time(), "action": "resume", "upstream": broken.candidate.upstream.name,
+                         "node": broken.candidate.node.url, "k": self.pool[broken.candidate.node].monitor.k,
+                         "duration_s": None, "failure_rate": None, "reason": outcome.value, "events": events,
+                         "to_upstream": to.upstream.name, "to_node": to.node.url})
+        logger.info(f"llm-ha: {broken.candidate.upstream.name} {broken.candidate.node.url} {outcome.value} after "
+                    f"{events} events; resumed on {to.upstream.name} {to.node.url}")
 
     def find_nodes(self, name: str) -> list[NodeId]:
         """Nodes named by URL, by upstream name, or as `upstream URL`."""
@@ -111,8 +196,12 @@ class Runtime:
         if e["action"] == "eject":
             why = f"failure rate {e['failure_rate']:.0f}%" if e["failure_rate"] is not None else "by hand"
             logger.warning(f"llm-ha: ejected {where} for {e['duration_s']:g}s (k={e['k']}, {why})")
+        elif e["action"] == "uneject" and event.by:
+            logger.warning(f"llm-ha: {where} restored by hand, its k={e['k']} ejection cut short")
         elif e["action"] == "uneject":
             logger.warning(f"llm-ha: {where} returns to rotation after its k={e['k']} ejection")
+        elif e["action"] == "reset":
+            logger.warning(f"llm-ha: {where} reset by hand: in rotation, k=1, counters cleared")
         else:
             logger.info(f"llm-ha: {where} healthy for a while, next ejection k={e['k']}")
         self.events.add(e)
@@ -125,11 +214,21 @@ class Runtime:
         logger.debug(f"llm-ha: {describe_attempt(record)}, trying {following.upstream.name} {following.node.url}")
 
 
+def _addresses_the_proxy(flow: http.HTTPFlow) -> bool:
+    """The request names the proxy's own address (its Host header, in a regular-mode origin-form request)."""
+    sockname = flow.client_conn.sockname
+    if not sockname or flow.request.port != sockname[1]:
+        return False
+    host = flow.request.host.lower()
+    return host in (str(sockname[0]).lower(), "localhost", socket.gethostname().lower()) or is_loopback(host)
+
+
 class RuntimeLoader:
     """Declares `llm_ha_profile`, loads it, and owns the running `Runtime`."""
 
     def __init__(self, events: EventLog) -> None:
         self.events = events
+        self.instance = instance_id()  # one per process: names it in /status and in shared state
         self.runtime: Runtime | None = None
         self._running = False
         self._said_inert = False
@@ -141,6 +240,9 @@ class RuntimeLoader:
     def configure(self, updated: set[str]) -> None:
         if updated & {"llm_ha_profile", "mode"}:
             self._load_profile()
+        if "stream_large_bodies" in updated and self._running and self.runtime and ctx.options.stream_large_bodies:
+            raise exceptions.OptionsError("llm-ha: stream_large_bodies cannot be set while a profile is loaded: "
+                                          "mitmproxy would send LLM requests on before the gate, and twice")
 
     async def running(self) -> None:
         self._running = True
@@ -155,7 +257,8 @@ class RuntimeLoader:
 
     def status(self) -> dict:
         if self.runtime is None:
-            return {"now": time.time(), "profile": None, "upstreams": [], "failovers": 0, "events": []}
+            return {"instance": self.instance, "now": time.time(), "profile": None, "upstreams": [], "failovers": 0,
+                    "events": []}
         return self.runtime.status()
 
     def need_runtime(self) -> Runtime:
@@ -174,16 +277,21 @@ class RuntimeLoader:
             profile = load_profile(os.path.expanduser(path), reverse_target=mode_url(ctx.options.mode, "reverse"))
             if self.runtime and self.runtime.profile == profile:
                 return  # unchanged (e.g. mitmproxy rolling back a refused change): keep the health state
-            runtime = Runtime(profile, self.events, upstream_proxy=mode_url(ctx.options.mode, "upstream"))
+            runtime = Runtime(profile, self.events, upstream_proxy=mode_url(ctx.options.mode, "upstream"),
+                              instance=self.instance)
         except ProfileError as e:
             self._refuse(str(e))
             return
         except ValueError as e:  # the match filter
             self._refuse(f"{path}: match: not a valid mitmproxy filter expression ({e})")
             return
+        previous = self.runtime.profile if self.runtime else None
         self._replace_runtime(runtime)
         upstreams = " -> ".join(f"{u.name} ({len(u.nodes)} node{'s' * (len(u.nodes) > 1)})" for u in profile.upstreams)
         logger.info(f"llm-ha: profile {profile.name}: {upstreams}; flows matching {profile.match!r}")
+        if previous:
+            logger.warning(f"llm-ha: profile reloaded: {', '.join(profile_changes(previous, profile))}; "
+                           f"node health starts afresh")
         if self._running:
             self._adjust_mitmproxy_options()
             asyncio.ensure_future(runtime.ensure_started())
@@ -214,8 +322,65 @@ class RuntimeLoader:
             # Eager mode connects to the reverse target before any hook runs and drops the client when it
             # is down; llm-ha must serve from the fallback then.
             wanted["connection_strategy"] = "lazy"
+        if ctx.options.stream_large_bodies:
+            # mitmproxy sends a large request body on to the server before any addon's `request` hook sees it,
+            # and then the gate would send the LLM request a second time. llm-ha streams LLM answers itself.
+            wanted["stream_large_bodies"] = None
         if not ctx.options.store_streamed_bodies:
             wanted["store_streamed_bodies"] = True  # recordings (-w) must hold the streamed answers
         if wanted:
-            logger.info(f"llm-ha: setting {', '.join(f'{k}={v}' for k, v in wanted.items())}")
+            settings = ", ".join(f"{k}={'off' if v is None else v}" for k, v in wanted.items())
+            logger.info(f"llm-ha: setting {settings}")
             ctx.options.update(**wanted)
+
+
+# -- what a profile reload changed, for the log
+
+_SECRET_FIELDS = {"api_key", "shared_state"}  # said to have changed, never shown
+_NOT_DURATIONS = {"failure_rate_threshold", "min_requests", "max_inflight", "min_inflight"}
+
+
+def profile_changes(old: Profile, new: Profile) -> list[str]:
+    """`first_byte_timeout 300ms -> 1s`, `fallback.model qwen-plus -> qwen-max`, `upstream backup added`.
+
+    A setting changed the same way on every upstream (a top-level default) is named once, unprefixed.
+    """
+    changes = [f"{name} {text}" for name, text in _field_changes(old, new, skip={"upstreams", "health_check"}).items()]
+    changes += [f"health_check.{name} {text}" for name, text in _field_changes(old.health_check, new.health_check).items()]
+    before, after = {u.name: u for u in old.upstreams}, {u.name: u for u in new.upstreams}
+    changes += [f"upstream {name} removed" for name in before if name not in after]
+    changes += [f"upstream {name} added" for name in after if name not in before]
+    kept = [name for name in after if name in before]
+    if [n for n in before if n in after] != kept:
+        changes.append(f"upstream order {', '.join(n for n in before if n in after)} -> {', '.join(kept)}")
+    per_upstream = {name: _field_changes(before[name], after[name]) for name in kept}
+    everywhere = {field: text for field, text in (per_upstream[kept[0]] if kept else {}).items()
+                  if all(changed.get(field) == text for changed in per_upstream.values())}
+    changes += [f"{field} {text}" for field, text in everywhere.items()]
+    changes += [f"{name}.{field} {text}" for name, changed in per_upstream.items()
+                for field, text in changed.items() if field not in everywhere]
+    return changes or ["no setting changed"]
+
+
+def _field_changes(old, new, skip: set[str] = frozenset()) -> dict[str, str]:
+    changes = {}
+    for f in dataclasses.fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if f.name not in skip and before != after:
+            shown = "changed" if f.name in _SECRET_FIELDS else f"{_shown(f.name, before)} -> {_shown(f.name, after)}"
+            changes[f.name] = shown
+    return changes
+
+
+def _shown(name: str, value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, float) and name not in _NOT_DURATIONS:
+        return f"{value * 1000:g}ms" if 0 < value < 1 else f"{value:g}s"
+    if name == "failure_rate_threshold":
+        return f"{value:g}%"
+    return str(value)

@@ -7,7 +7,7 @@ import logging
 
 from mitmproxy import ctx, exceptions
 
-from ..core.status import parse_listen_address
+from ..core.status import is_loopback, parse_listen_address
 from ..statusserver import StatusServer
 from .runtime import RuntimeLoader
 
@@ -31,7 +31,11 @@ class StatusAddon:
             try:
                 parse_listen_address(ctx.options.llm_ha_status)
             except ValueError as e:
-                raise exceptions.OptionsError(str(e)) from None
+                if self._running:
+                    raise exceptions.OptionsError(f"llm-ha: {e}") from None
+                # At start-up, an error logged makes mitmproxy exit with it (its ErrorCheck addon): one clear line.
+                logger.error(f"llm-ha: {e}")
+                return
         if self._running:
             asyncio.ensure_future(self._restart())
 
@@ -48,9 +52,10 @@ class StatusAddon:
         if self.server:
             await self.server.stop()
             self.server = None
-        if not ctx.options.llm_ha_status:
-            return
-        host, port = parse_listen_address(ctx.options.llm_ha_status)
+        try:
+            host, port = parse_listen_address(ctx.options.llm_ha_status)
+        except ValueError:
+            return  # empty, or refused at start-up already
         server = StatusServer(self.loader.status, host, port)
         try:
             await server.start()
@@ -59,3 +64,7 @@ class StatusAddon:
             return
         self.server = server
         logger.info(f"llm-ha: status at {server.url}/status and {server.url}/metrics")
+        if not is_loopback(host):
+            logger.warning(f"llm-ha: the status server on {ctx.options.llm_ha_status} has no authentication and "
+                           "answers anyone who can reach it: bind it to 127.0.0.1, or put it behind something "
+                           "that authenticates")

@@ -15,7 +15,9 @@ The rules, per node:
 - an ejected node returns by itself when its time is up;
 - while in rotation, k shrinks by one for every `k_decay_after` (default: `base_ejection_time`) of
   continuous health, never below 1. A node stays "healthy" through intervals whose failure rate is
-  below the threshold; its health clock restarts at each return and each decrease.
+  below the threshold; its health clock restarts at each return and each decrease;
+- by hand (operator commands, events marked `by: "hand"`): `eject` as if the node had failed (k grows),
+  `drain` for a given time leaving k as it is, `restore` ends an ejection, `reset` forgets everything.
 """
 
 from __future__ import annotations
@@ -31,18 +33,34 @@ from .types import NodeId, Outcome
 @dataclass(frozen=True)
 class HealthEvent:
     ts: float
-    action: str  # eject | uneject | k_decrease (failover events come from the gate)
+    action: str  # eject | uneject | k_decrease | reset (failover events come from the gate)
     upstream: str
     node: str
     k: int
     duration_s: float | None = None
     failure_rate: float | None = None
+    by: str | None = None  # "hand": caused by an operator command
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        event = asdict(self)
+        if self.by is None:
+            del event["by"]
+        return event
 
 
 HealthListener = Callable[[HealthEvent], None]
+
+
+@dataclass(frozen=True)
+class EjectionState:
+    """What instances sharing state agree on about one node (`shared/`): its ejection, k and k's decay."""
+
+    next_k: int
+    ejection_k: int
+    ejected_until: float | None
+    ejections: int
+    healthy_since: float
+    ejection_failure_rate: float | None = None
 
 
 class NodeMonitor:
@@ -59,6 +77,7 @@ class NodeMonitor:
         self.bucket_total = 0
         self.bucket_failed = 0
         self.last_failure_rate = 0.0
+        self.ejection_failure_rate: float | None = None  # the rate that caused the current ejection
         self.last_interval_requests = 0
         self.requests = 0
         self.failures = 0
@@ -79,25 +98,54 @@ class NodeMonitor:
             self.bucket_failed += 1
 
     def close_interval(self, boundary: float) -> HealthEvent | None:
+        return self.judge(boundary, *self.end_interval())
+
+    def end_interval(self) -> tuple[int, int]:
+        """The closing interval's attempts and failures; the counts start again from zero."""
         total, failed = self.bucket_total, self.bucket_failed
         self.bucket_total = self.bucket_failed = 0
         self.last_interval_requests = total
         self.last_failure_rate = 100.0 * failed / total if total else 0.0
+        return total, failed
+
+    def judge(self, boundary: float, total: int, failed: int) -> HealthEvent | None:
+        """Eject if one interval's counts (this process's, or a whole cluster's) pass the threshold."""
         if self.ejected_until is not None or total < self.config.min_requests:
             return None
-        if self.last_failure_rate >= self.config.failure_rate_threshold:
-            return self.eject(boundary, self.last_failure_rate)
+        failure_rate = 100.0 * failed / total
+        if failure_rate >= self.config.failure_rate_threshold:
+            return self.eject(boundary, failure_rate)
         return None
 
-    def eject(self, now: float, failure_rate: float | None) -> HealthEvent:
+    def ejection_state(self) -> EjectionState:
+        return EjectionState(self.next_k, self.ejection_k, self.ejected_until, self.ejections, self.healthy_since,
+                             self.ejection_failure_rate)
+
+    def apply(self, state: EjectionState) -> None:
+        """Take on an ejection state decided elsewhere; no event (the instance that decided reported it)."""
+        self.next_k, self.ejection_k = state.next_k, state.ejection_k
+        self.ejected_until, self.ejections, self.healthy_since = state.ejected_until, state.ejections, state.healthy_since
+        self.ejection_failure_rate = state.ejection_failure_rate
+
+    def eject(self, now: float, failure_rate: float | None, by: str | None = None) -> HealthEvent:
         k = self.next_k
         duration = min(k * self.config.base_ejection_time, self.config.max_ejection_time)
         self.ejection_k = k
         self.ejected_until = now + duration
+        self.ejection_failure_rate = failure_rate
         self.ejections += 1
         if k * self.config.base_ejection_time < self.config.max_ejection_time:
             self.next_k = k + 1
-        return self._event(now, "eject", k, duration, failure_rate)
+        return self._event(now, "eject", k, duration, failure_rate, by)
+
+    def drain(self, now: float, duration: float) -> HealthEvent:
+        """Out of rotation for `duration` by hand (maintenance): k is left as it is, the node did not fail."""
+        if self.ejected_until is None:
+            self.ejection_k = self.next_k
+            self.ejection_failure_rate = None
+            self.ejections += 1
+        self.ejected_until = now + duration
+        return self._event(now, "eject", self.ejection_k, duration, None, "hand")
 
     def next_timer(self) -> float:
         """When this node next changes state by itself (return, or a k decrease); inf if never."""
@@ -114,17 +162,18 @@ class NodeMonitor:
         self.healthy_since = at
         return self._event(at, "k_decrease", self.next_k)
 
-    def uneject(self, at: float) -> HealthEvent:
+    def uneject(self, at: float, by: str | None = None) -> HealthEvent:
         k = self.ejection_k
         self.ejected_until = None
         self.ejection_k = 0
+        self.ejection_failure_rate = None
         self.healthy_since = at
-        return self._event(at, "uneject", k)
+        return self._event(at, "uneject", k, by=by)
 
     def _event(self, ts: float, action: str, k: int, duration: float | None = None,
-               failure_rate: float | None = None) -> HealthEvent:
+               failure_rate: float | None = None, by: str | None = None) -> HealthEvent:
         return HealthEvent(ts=ts, action=action, upstream=self.node.upstream, node=self.node.url, k=k,
-                           duration_s=duration, failure_rate=failure_rate)
+                           duration_s=duration, failure_rate=failure_rate, by=by)
 
 
 class OutlierDetector:
@@ -136,6 +185,7 @@ class OutlierDetector:
         self.started = now
         self.monitors: dict[NodeId, NodeMonitor] = {n: self.new_monitor(n, now) for n in nodes}
         self.listener = listener
+        self.judging = True  # False: intervals are counted but judged elsewhere (a cluster's shared state)
         self._intervals_closed = 0
         self._recorded_since_close = False
 
@@ -175,19 +225,38 @@ class OutlierDetector:
         self.advance(now)
         monitor = self.monitors[node]
         if not monitor.is_ejected(now):
-            self._report(monitor.eject(now, None))
+            self._report(monitor.eject(now, None, by="hand"))
+
+    def drain(self, node: NodeId, now: float, duration: float) -> None:
+        """Take a node out of rotation by hand for `duration` seconds from now, k unchanged."""
+        self.advance(now)
+        self._report(self.monitors[node].drain(now, duration))
+
+    def judge(self, node: NodeId, boundary: float, total: int, failed: int, now: float) -> HealthEvent | None:
+        """Judge `node` on counts gathered elsewhere for the interval ending at `boundary`; reports an ejection."""
+        self.advance(now)
+        event = self.monitors[node].judge(boundary, total, failed)
+        if event:
+            self._report(event)
+        return event
+
+    def apply(self, node: NodeId, state: EjectionState) -> None:
+        """Take on `node`'s ejection state decided elsewhere, silently; its timers fire from here on."""
+        self.monitors[node].apply(state)
 
     def restore(self, node: NodeId, now: float) -> None:
         """End a node's ejection now; k stays as it is."""
         self.advance(now)
         monitor = self.monitors[node]
         if monitor.is_ejected(now):
-            self._report(monitor.uneject(now))
+            self._report(monitor.uneject(now, by="hand"))
 
     def reset(self, now: float) -> None:
         """Forget every node's history: all in rotation, k = 1."""
         self.advance(now)
         self.monitors = {node: self.new_monitor(node, now) for node in self.monitors}
+        for node in self.monitors:
+            self._report(HealthEvent(now, "reset", node.upstream, node.url, k=1, by="hand"))
 
     def _report(self, event: HealthEvent) -> None:
         if self.listener:
@@ -200,8 +269,9 @@ class OutlierDetector:
         self._intervals_closed += 1
         self._recorded_since_close = False
         for monitor in self.monitors.values():
-            event = monitor.close_interval(boundary)
-            if event:
+            if not self.judging:
+                monitor.end_interval()
+            elif event := monitor.close_interval(boundary):
                 self._report(event)
 
     def _skip_empty_intervals(self, until: float) -> None:

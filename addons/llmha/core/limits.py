@@ -70,7 +70,7 @@ class NodeLimiter:
             full = None
         else:
             full = max(s.min_inflight, int(self.learned))
-        if self.returned_at is None or s.slow_start <= 0 or now - self.returned_at >= s.slow_start:
+        if full is None or self.returned_at is None or s.slow_start <= 0 or now - self.returned_at >= s.slow_start:
             return full
         ramp = (now - self.returned_at) / s.slow_start
         return max(s.min_inflight, int(s.min_inflight + (full - s.min_inflight) * ramp))

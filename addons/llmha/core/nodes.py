@@ -11,6 +11,8 @@ once with the attempt's outcome, in a `finally`: an OK outcome is concurrency-li
 a failure its `onDropped`, and `CANCELLED` (the client left, an error of ours) its `onIgnore`. A
 streamed answer passes the gate at its first token: `first_byte` counts that success and the lease
 stays held until the stream ends; a break after it (`release(STREAM_CUT)`) counts as a failure too.
+An attempt still without a verdict long after its limit (`_overdue_after`) is counted as a timeout
+when the pool next advances, so that a node it hangs on is judged in that interval, not when it ends.
 
 The gate depends only on the `Leases` and `Lease` protocols, so a store shared between instances
 can stand in for this in-process pool.
@@ -18,6 +20,7 @@ can stand in for this in-process pool.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -26,6 +29,8 @@ from .latency import LatencyStats
 from .limits import LimitSettings, NodeLimiter
 from .profile import Profile, Upstream
 from .types import NodeId, Outcome
+
+OVERDUE_CHECK_S = 0.1  # how often `advance` looks for attempts held long past their limit
 
 
 class Lease(Protocol):
@@ -52,7 +57,11 @@ class Node:
         self.limiter = NodeLimiter(LimitSettings.of(upstream))
         self.latency = LatencyStats()
         self.inflight = 0
+        self.cluster_inflight = 0  # with shared state: every instance's attempts, as last seen
         self.shed = 0
+        self.breaks = 0  # streams that broke after their first byte (stalls included)
+        self.stalls = 0
+        self.resumes = 0  # answers broken elsewhere that this node continued
 
     def has_room(self, now: float) -> bool:
         limit = self.limiter.limit(now)
@@ -62,7 +71,8 @@ class Node:
         """What the limiter and the latency statistics learn from one outcome (the detector is told apart)."""
         if ttfb_s is not None:
             self.latency.add(now, ttfb_s)
-        self.limiter.observe(outcome, ttfb_s, self.upstream.first_byte_timeout, self.inflight, streamed)
+        load = max(self.inflight, self.cluster_inflight)
+        self.limiter.observe(outcome, ttfb_s, self.upstream.first_byte_timeout, load, streamed)
 
     def snapshot(self, now: float, interval: float) -> dict:
         m = self.monitor
@@ -74,7 +84,7 @@ class Node:
             "k": m.k,
             "ejections": m.ejections,
             "ejected_remaining_s": round(m.ejected_until - now, 3) if ejected and m.ejected_until else 0.0,
-            "failure_rate": round(m.last_failure_rate, 2),
+            "failure_rate": round(_shown_failure_rate(m, ejected), 2),
             "requests": m.requests,
             "inflight": self.inflight,
             "ttfb_p50_ms": None if p50 is None else round(p50 * 1000, 1),
@@ -84,7 +94,17 @@ class Node:
             "ttfb_history_ms": self.latency.history(now),
             "limit": self.limiter.limit(now),
             "shed": self.shed,
+            "breaks": self.breaks,
+            "stalls": self.stalls,
+            "resumes": self.resumes,
         }
+
+
+def _shown_failure_rate(monitor: NodeMonitor, ejected: bool) -> float:
+    """While ejected by the detector, the rate that caused it: the intervals since are empty (no traffic)."""
+    if ejected and monitor.ejection_failure_rate is not None:
+        return monitor.ejection_failure_rate
+    return monitor.last_failure_rate
 
 
 class NodePool:
@@ -98,6 +118,8 @@ class NodePool:
         self.detector = OutlierDetector(profile.health_check, ids, now, self._on_health_event)
         self.nodes: dict[NodeId, Node] = {
             i: Node(i, upstreams[i.upstream], self.detector.monitors[i]) for i in ids}
+        self._awaiting_verdict: set[LocalLease] = set()  # leases whose attempt has not been judged yet
+        self._next_overdue_check = now
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())
@@ -111,7 +133,9 @@ class NodePool:
             target.shed += 1
             return None
         target.inflight += 1
-        return LocalLease(self, target, streamed)
+        lease = LocalLease(self, target, streamed, overdue_at=now + self._overdue_after(target.upstream, streamed))
+        self._awaiting_verdict.add(lease)
+        return lease
 
     async def acquire(self, node: NodeId, now: float, *, streamed: bool, over_limit: bool = False) -> LocalLease | None:
         return self.try_acquire(node, now, streamed=streamed, over_limit=over_limit)
@@ -119,11 +143,32 @@ class NodePool:
     def is_available(self, node: NodeId, now: float) -> bool:
         return self.detector.is_available(node, now)
 
+    def record(self, node: NodeId, outcome: Outcome, ttfb_s: float | None, now: float, streamed: bool) -> None:
+        """One counted outcome of an attempt on `node`: for the detector, the limiter and the latency."""
+        self.detector.record(node, outcome, now)
+        self.nodes[node].observe(outcome, ttfb_s, now, streamed)
+
     def advance(self, now: float) -> None:
+        if now >= self._next_overdue_check:
+            self._next_overdue_check = now + OVERDUE_CHECK_S
+            for lease in [lease for lease in self._awaiting_verdict if lease.overdue_at <= now]:
+                lease.overdue(now)
         self.detector.advance(now)
+
+    def _overdue_after(self, upstream: Upstream, streamed: bool) -> float:
+        """How long an attempt may go without a verdict before it counts as a timeout anyway.
+
+        The gate's own timeouts judge every attempt well before this; it is the backstop for an attempt
+        held past them (a hook stuck elsewhere), so that a node it hangs on is still ejected in time.
+        """
+        limit = upstream.first_byte_timeout if streamed else upstream.request_timeout
+        return 2 * limit + self.profile.health_check.interval
 
     def eject(self, node: NodeId, now: float) -> None:
         self.detector.eject(node, now)
+
+    def drain(self, node: NodeId, now: float, duration: float) -> None:
+        self.detector.drain(node, now, duration)
 
     def restore(self, node: NodeId, now: float) -> None:
         self.detector.restore(node, now)
@@ -148,13 +193,21 @@ class NodePool:
 class LocalLease:
     """A lease in one process's pool; see the module's docstring for what each call counts."""
 
-    def __init__(self, pool: NodePool, node: Node, streamed: bool) -> None:
+    def __init__(self, pool: NodePool, node: Node, streamed: bool, overdue_at: float = math.inf) -> None:
         self._pool = pool
         self._node = node
         self.node = node.id
         self.streamed = streamed
+        self.overdue_at = overdue_at  # no verdict by then: counted as a timeout while still held
         self._judged = False
+        self._overdue = False
         self.released = False
+
+    def overdue(self, now: float) -> None:
+        """Still no verdict long past its limit: a timeout of the node now, in this interval; not counted again."""
+        if not self._judged and not self.released:
+            self._overdue = True
+            self._judge(Outcome.TIMEOUT, None, now)
 
     def first_byte(self, ttfb_s: float | None, now: float) -> None:
         if not self._judged and not self.released:
@@ -164,18 +217,21 @@ class LocalLease:
         if self.released:
             return
         self.released = True
+        passed_gate = self._judged and not self._overdue
         if not self._judged:
             self._judge(outcome, ttfb_s, now)
-        elif outcome.failed:  # broke after its first byte
+        elif passed_gate and outcome.failed:  # broke after its first byte
             self._count(outcome, None, now)
+        if passed_gate and outcome.broke_stream:
+            self._node.breaks += 1
+            self._node.stalls += outcome is Outcome.STALLED
         self._node.inflight -= 1
 
     def _judge(self, outcome: Outcome, ttfb_s: float | None, now: float) -> None:
         self._judged = True
+        self._pool._awaiting_verdict.discard(self)
         self._count(outcome, ttfb_s, now)
 
     def _count(self, outcome: Outcome, ttfb_s: float | None, now: float) -> None:
-        if outcome.ignored:
-            return
-        self._pool.detector.record(self.node, outcome, now)
-        self._node.observe(outcome, ttfb_s, now, self.streamed)
+        if not outcome.ignored:
+            self._pool.record(self.node, outcome, ttfb_s, now, self.streamed)

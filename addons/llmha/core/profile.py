@@ -48,6 +48,8 @@ class Upstream:
     model: str | None = None
     first_byte_timeout: float = 0.2
     request_timeout: float = 600.0
+    stream_idle_timeout: float = 20.0
+    resume: str = "off"  # how this upstream may continue an answer broken elsewhere (core/splice.py)
     max_inflight: int | None = None
     adaptive: bool = False
     min_inflight: int = 1
@@ -59,8 +61,10 @@ class Profile:
     path: str
     upstreams: tuple[Upstream, ...]
     match: str = DEFAULT_MATCH
+    match_given: bool = False  # `match` written in the profile (else DEFAULT_MATCH, kept to the primary's hosts)
     health_check: HealthCheck = field(default_factory=HealthCheck)
     transparent_failover: bool = True
+    shared_state: str | None = field(default=None, repr=False)  # a Redis URL; may hold a password
 
     @property
     def name(self) -> str:
@@ -75,10 +79,26 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-_TOP_KEYS = {"match", "first_byte_timeout", "request_timeout", "health_check", "upstreams", "transparent_failover"}
+_TOP_KEYS = {"match", "first_byte_timeout", "request_timeout", "stream_idle_timeout", "health_check", "upstreams",
+             "transparent_failover", "shared_state"}
 _HEALTH_KEYS = {f for f in HealthCheck.__dataclass_fields__}
 _UPSTREAM_KEYS = {"name", "nodes", "api_key", "model", "first_byte_timeout", "request_timeout", "max_inflight",
-                  "adaptive", "min_inflight", "slow_start"}
+                  "adaptive", "min_inflight", "slow_start", "stream_idle_timeout", "resume"}
+RESUME_MODES = ("off", "prefill", "prefill-vllm", "prefill-deepseek")
+
+
+SHARED_STATE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password (in the user part or a `password=` query parameter) replaced by ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        netloc = f"{user}:***@{netloc.rpartition('@')[2]}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def parse_duration(value: Any) -> float:
@@ -119,6 +139,7 @@ def parse_profile(data: Any, path: str, env: Mapping[str, str], reverse_target: 
     defaults = {
         "first_byte_timeout": reader.duration(top, "first_byte_timeout", 0.2),
         "request_timeout": reader.duration(top, "request_timeout", 600.0),
+        "stream_idle_timeout": reader.duration(top, "stream_idle_timeout", 20.0),
     }
     upstream_list = top.get("upstreams")
     if not isinstance(upstream_list, list) or not upstream_list:
@@ -137,9 +158,9 @@ def parse_profile(data: Any, path: str, env: Mapping[str, str], reverse_target: 
     failover = top.get("transparent_failover", True)
     if not isinstance(failover, bool):
         raise ProfileError(path, "transparent_failover", f"needs true or false, got {failover!r}")
-    return Profile(path=path, upstreams=upstreams, match=match,
+    return Profile(path=path, upstreams=upstreams, match=match, match_given="match" in top,
                    health_check=reader.health_check(top.get("health_check", {})),
-                   transparent_failover=failover)
+                   transparent_failover=failover, shared_state=reader.shared_state(top))
 
 
 class _Reader:
@@ -202,6 +223,9 @@ class _Reader:
             model=self.text(section, "model", key),
             first_byte_timeout=self.duration(section, "first_byte_timeout", defaults["first_byte_timeout"], key + "."),
             request_timeout=self.duration(section, "request_timeout", defaults["request_timeout"], key + "."),
+            stream_idle_timeout=self.duration(section, "stream_idle_timeout", defaults["stream_idle_timeout"],
+                                              key + "."),
+            resume=self.choice(section, "resume", RESUME_MODES, key),
             **self.limits(section, key),
         )
 
@@ -254,6 +278,36 @@ class _Reader:
         if value is not None and any(c in value for c in "\r\n"):
             raise self.fail(f"{key}.{name}", "contains a line break")
         return value
+
+    def choice(self, section: dict, name: str, allowed: tuple[str, ...], key: str) -> str:
+        value = section.get(name, allowed[0])
+        if value is False and "off" in allowed:  # YAML reads a bare `off` as false
+            value = "off"
+        if not isinstance(value, str) or value not in allowed:
+            raise self.fail(f"{key}.{name}", f"needs one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def shared_state(self, top: dict) -> str | None:
+        """The Redis URL that instances of this profile share their state through; errors never show its password."""
+        value = top.get("shared_state")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail("shared_state", f"needs a URL such as redis://HOST:PORT/DB, got {type(value).__name__}")
+        url = self.expand(value.strip(), "shared_state")
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            parts = None
+        where = parts and (parts.path if parts.scheme == "unix" else parts.hostname)
+        if not parts or parts.scheme not in SHARED_STATE_SCHEMES or not where:
+            raise self.fail("shared_state", f"needs a redis://, rediss:// or unix:// URL, e.g. "
+                                            f"redis://127.0.0.1:6379/0, got {masked_url(url)!r}")
+        db = parts.path.strip("/")
+        if parts.scheme != "unix" and db and not db.isdigit():
+            raise self.fail("shared_state", f"the database after the host must be a number, got {masked_url(url)!r}")
+        return url
 
     def positive_int(self, section: dict, name: str, key: str) -> int | None:
         value = section.get(name)

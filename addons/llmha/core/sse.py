@@ -6,13 +6,13 @@ import json
 import re
 from collections.abc import Iterator
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
     """Complete events in `buffer`, and the incomplete rest."""
     events, start = [], 0
-    for match in _EVENT_END.finditer(buffer):
+    for match in EVENT_END.finditer(buffer):
         events.append(buffer[start:match.start()])
         start = match.end()
     return events, buffer[start:]

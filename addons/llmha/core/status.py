@@ -5,6 +5,7 @@ Pure: state and time in, dict or text out.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -51,11 +52,36 @@ def status_table(status: dict) -> str:
                 f"{upstream['name']:<12} {n['url']:<40} {n['state']:<8} {n['k']:>2} {n['ejections']:>9} "
                 f"{n['ejected_remaining_s']:>7.1f} {n['failure_rate']:>6.1f} {n['requests']:>8} {n['inflight']:>8} "
                 f"{_ms(n['ttfb_p50_ms']):>7} {_ms(n['ttfb_p95_ms']):>7}")
-    return "\n".join(lines)
+    return "\n".join([*_cluster_lines(status), *lines])
+
+
+def _cluster_lines(status: dict) -> list[str]:
+    """With shared state: which instance this is, the connection, and each node's in-flight across instances."""
+    shared = status.get("shared_state")
+    if not shared:
+        return []
+    lines = [f"instance {status.get('instance')}: shared state {shared['state']} ({shared['url']}), "
+             f"{len(shared.get('instances') or [])} instances live"]
+    for upstream in status["upstreams"]:
+        for n in upstream["nodes"]:
+            if "cluster" in n:
+                lines.append(f"  {upstream['name']} {n['url']}: in flight {n['inflight']} here, "
+                             f"{n['cluster']['inflight']} across instances")
+    return lines
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect to `host` (a host name other than localhost may be anything)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:

@@ -19,8 +19,11 @@ class Outcome(StrEnum):
     RESET = "reset"  # the connection broke before the first byte
     HTTP_ERROR = "http_error"  # 5xx
     RATE_LIMITED = "rate_limited"  # 429
-    IN_BAND_ERROR = "in_band_error"  # the first SSE event is an error object
-    STREAM_CUT = "stream_cut"  # the stream broke after the client got bytes
+    IN_BAND_ERROR = "in_band_error"  # an error object in a 200: the first SSE event, or the JSON body
+    INVALID_ANSWER = "invalid_answer"  # a 2xx that is no API answer (an HTML page from something in between)
+    STREAM_CUT = "stream_cut"  # the stream broke (reset, cut) after the client got bytes
+    STALLED = "stalled"  # no progress for `stream_idle_timeout` after the first token
+    TRUNCATED = "truncated"  # ended without its protocol's end (`[DONE]`, a finish reason)
     CANCELLED = "cancelled"  # the attempt was abandoned for a reason that is not the node's (the client left)
 
     @property
@@ -29,12 +32,18 @@ class Outcome(StrEnum):
         return self not in _NOT_FAILURES
 
     @property
+    def broke_stream(self) -> bool:
+        """A stream that had passed the gate ended this way: the answer is incomplete."""
+        return self in _BREAKS
+
+    @property
     def ignored(self) -> bool:
         """Says nothing about the node: not counted at all (concurrency-limits' `onIgnore`)."""
         return self is Outcome.CANCELLED
 
 
 _NOT_FAILURES = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.CANCELLED})
+_BREAKS = frozenset({Outcome.STREAM_CUT, Outcome.STALLED, Outcome.TRUNCATED, Outcome.IN_BAND_ERROR})
 
 
 def status_outcome(status: int) -> Outcome:
@@ -71,18 +80,30 @@ class AttemptRecord:
     ttfb_s: float | None = None
     duration_s: float | None = None
     timeout_s: float | None = None
+    events: int | None = None  # a stream that broke after its first byte: data events the client had
+    resumed: bool = False  # this attempt continued an answer broken on another node
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def describe_attempt(a: AttemptRecord | dict) -> str:
-    """`primary timeout 200ms`, `fallback ok 83ms`, `primary http_error 500`: for comments and errors."""
+    """`primary timeout 200ms`, `fallback ok 83ms`, `primary http_error 500`,
+    `primary ok 80ms, stream_cut after 41 events`, `fallback resumed 95ms`: for comments and errors."""
     a = a if isinstance(a, dict) else a.to_dict()
-    if a["outcome"] == Outcome.TIMEOUT:
-        detail = f"{a['timeout_s'] * 1000:.0f}ms" if a.get("timeout_s") else ""
-    elif a["outcome"] in (Outcome.OK, Outcome.STREAM_CUT) and a.get("ttfb_s") is not None:
-        detail = f"{a['ttfb_s'] * 1000:.0f}ms"
+    outcome, ttfb = a["outcome"], a.get("ttfb_s")
+    if a.get("events") is not None:  # broke after the client had bytes
+        return f"{a['upstream']} ok {_ms(ttfb)}, {outcome} after {a['events']} events"
+    if outcome == Outcome.TIMEOUT:
+        detail = _ms(a.get("timeout_s"))
+    elif outcome == Outcome.OK and ttfb is not None:
+        detail = _ms(ttfb)
     else:
         detail = str(a["status"]) if a.get("status") else ""
-    return " ".join(p for p in (a["upstream"], a["outcome"], detail) if p)
+    if outcome == Outcome.OK and a.get("resumed"):
+        outcome = "resumed"
+    return " ".join(p for p in (a["upstream"], outcome, detail) if p)
+
+
+def _ms(seconds: float | None) -> str:
+    return f"{seconds * 1000:.0f}ms" if seconds else ""

@@ -5,10 +5,16 @@ refuses it and the next candidate is asked (a "shed", not an attempt). If every 
 the request is not failed: they are asked again past their limits, in the same order (queueing
 somewhere beats failing). Without `transparent_failover` a request makes at most one attempt.
 
-An attempt fails on a connection error, a reset before the first byte, a late first token (streaming:
-no SSE data event within `first_byte_timeout`; otherwise: no complete answer within
-`request_timeout`), HTTP 5xx or 429, or a first SSE event that is an error object. A failed attempt
-is closed at once, so an overloaded server can drop the work, and the next candidate is tried. A
+A non-streaming chat completion is asked of the upstream as a stream and assembled into the
+`chat.completion` the client expects (`assembles`, `core/assemble.py`), so that its first token is
+gated like a streaming request's and a hanging primary costs `first_byte_timeout`, not
+`request_timeout`.
+
+An attempt fails on a connection error, a reset before the first byte, a late first token (no SSE data
+event within `first_byte_timeout`; for other requests: no complete answer within `request_timeout`),
+HTTP 5xx or 429, a first SSE event that is an error object, or a 2xx that is no answer: an HTML page, a
+JSON error object, JSON cut short, an assembled stream that ends before its end. A failed attempt is
+closed at once, so an overloaded server can drop the work, and the next candidate is tried. A
 streaming attempt that passes leaves the gate as an `OpenStream` holding its lease, its first event
 already read; anything else leaves as a `CompleteAnswer`, its lease released.
 """
@@ -16,21 +22,35 @@ already read; anything else leaves as a `CompleteAnswer`, its lease released.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import email.utils
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
 
+from ..core.assemble import CompletionAssembler
 from ..core.candidates import Candidate
 from ..core.nodes import Lease, Leases
+from ..core.profile import Upstream
+from ..core.splice import Answer, StreamProtocol, protocol_for
 from ..core.sse import error_in, event_data, split_events
 from ..core.types import AttemptRecord, Outcome, describe_attempt, status_outcome
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
               "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
-CLIENT_CREDENTIALS = {"authorization", "api-key", "x-api-key"}
+# What identifies or authorizes the client: replaced by an upstream's own key, never sent to a fallback.
+CLIENT_CREDENTIALS = {"authorization", "api-key", "x-api-key", "x-goog-api-key", "cookie", "openai-organization",
+                      "openai-project"}
+# All a fallback provider gets of the client's headers: what describes the request, nothing about the client.
+FALLBACK_HEADERS = {"accept", "accept-language", "content-type", "user-agent", "openai-beta", "anthropic-version",
+                    "anthropic-beta", "traceparent", "tracestate", "x-request-id"}
+FALLBACK_HEADER_PREFIXES = ("x-stainless-",)  # the OpenAI SDKs' client description
+_NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 MAX_FIRST_EVENT_BYTES = 1 << 20
 
 
@@ -43,20 +63,40 @@ class LlmRequest:
     headers: list[tuple[str, str]]
     body: bytes
     payload: dict  # the JSON body, parsed once; {} when the body is not a JSON object
+    continuing: Answer | None = None  # a continuation: the answer the client has so far
 
     @classmethod
     def parse_body(cls, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> LlmRequest:
         return cls(method, path, headers, body, _json_body(body))
 
     @property
+    def wants_usage(self) -> bool:
+        options = self.payload.get("stream_options")
+        return isinstance(options, dict) and bool(options.get("include_usage"))
+
+    @property
+    def protocol(self) -> StreamProtocol | None:
+        return protocol_for(self.path, self.payload)
+
+    def continued(self, answer: Answer) -> LlmRequest:
+        """The request for the rest of `answer`, in the form each upstream's `resume` names."""
+        return LlmRequest(self.method, self.path, self.headers, self.body, self.payload, continuing=answer)
+
+    @property
     def stream(self) -> bool:
         return self.payload.get("stream") is True
 
-    def body_for(self, model: str | None) -> bytes:
-        """The body with `model` replaced, when the upstream names one and the request has a model."""
-        if model is None or "model" not in self.payload:
+    def body_for(self, upstream: Upstream) -> bytes:
+        """The body for this upstream: its `model` in place of the client's, the continuation's prefill."""
+        payload = self.payload
+        protocol = self.protocol
+        if self.continuing is not None and protocol is not None:
+            payload = protocol.continuation_body(payload, self.continuing, upstream.resume)
+        elif upstream.model is None or "model" not in payload:
             return self.body
-        return json.dumps({**self.payload, "model": model}, ensure_ascii=False).encode()
+        if upstream.model is not None and "model" in payload:
+            payload = {**payload, "model": upstream.model}
+        return json.dumps(payload, ensure_ascii=False).encode()
 
 
 @dataclass
@@ -83,6 +123,7 @@ class OpenStream:
     rest: AsyncIterator[bytes]
     started_monotonic: float
     clock: Callable[[], float] = time.time
+    reason: bytes = b""  # the upstream's reason phrase, passed on
     released: bool = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -91,11 +132,16 @@ class OpenStream:
         async for chunk in self.rest:
             yield chunk
 
+    def mark_delivered(self) -> None:
+        """The client has the whole answer from this stream: its duration ends now."""
+        if self.record.duration_s is None:
+            self.record.duration_s = time.monotonic() - self.started_monotonic
+
     async def close(self, outcome: Outcome) -> None:
         """End the attempt: release the lease (once) with `outcome`, then close the upstream response."""
         if not self.released:
             self.released = True
-            self.record.duration_s = time.monotonic() - self.started_monotonic
+            self.mark_delivered()
             if outcome.failed:
                 self.record.outcome = outcome.value
             self.lease.release(outcome, self.clock())
@@ -108,10 +154,15 @@ class GateResult:
     winner: Candidate | None = None
     answer: CompleteAnswer | None = None
     stream: OpenStream | None = None
+    retry_after_s: float | None = None  # the shortest `Retry-After` of the 429s met
 
     @property
     def upstream_name(self) -> str:
         return self.winner.upstream.name if self.winner else "none"
+
+    def note_retry_after(self, seconds: float | None) -> None:
+        if seconds is not None and (self.retry_after_s is None or seconds < self.retry_after_s):
+            self.retry_after_s = seconds
 
 
 class _AttemptFailed(Exception):
@@ -131,66 +182,80 @@ class Gate:
         self.on_failover = on_failover
         self.max_attempts = max_attempts  # None: as many as there are candidates
 
-    async def run(self, request: LlmRequest, candidates: list[Candidate]) -> GateResult:
-        result = GateResult()
+    async def run(self, request: LlmRequest, candidates: list[Candidate],
+                  result: GateResult | None = None) -> GateResult:
+        """Try `candidates`; `result`, when given, holds every attempt as it starts (kept if the run is cancelled)."""
+        result = GateResult() if result is None else result
+        request = with_stream_decided(request)
         failed: tuple[Candidate, AttemptRecord] | None = None
         for over_limit in (False, True):
             for candidate in candidates:
                 if self.max_attempts is not None and len(result.attempts) >= self.max_attempts:
                     break
-                lease = await self.leases.acquire(candidate.node, self.clock(), streamed=request.stream,
+                lease = await self.leases.acquire(candidate.node, self.clock(),
+                                                  streamed=request.stream or assembles(request),
                                                   over_limit=over_limit)
                 if lease is None:
                     continue
                 if failed and self.on_failover:
                     self.on_failover(failed[0], candidate, failed[1])
                 record, outcome = await self._attempt(request, candidate, lease, result)
-                result.attempts.append(record)
                 if not outcome.failed:
                     result.winner = candidate
                     return result
                 failed = (candidate, record)
             if result.attempts:
                 break  # someone had room: the past-the-limit pass is only for when nobody had
-        result.answer = failure_answer(result.attempts)
+        result.answer = failure_answer(result.attempts, result.retry_after_s)
         return result
 
     async def _attempt(self, request: LlmRequest, candidate: Candidate, lease: Lease,
                        result: GateResult) -> tuple[AttemptRecord, Outcome]:
         upstream, node = candidate.upstream, candidate.node
-        limit = upstream.first_byte_timeout if request.stream else upstream.request_timeout
+        assembled = assembles(request)
+        sent = streamed_form(request) if assembled else request
+        limit = upstream.first_byte_timeout if sent.stream else upstream.request_timeout
         record = AttemptRecord(upstream=upstream.name, node=node.url, start=self.clock(), timeout_s=limit)
+        result.attempts.append(record)
         started = time.monotonic()
         http_request = self.client.build_request(
-            request.method, node.url + request.path,
-            headers=upstream_headers(request.headers, candidate),
-            content=request.body_for(upstream.model),
+            sent.method, node.url + sent.path,
+            headers=upstream_headers(sent.headers, candidate),
+            content=sent.body_for(upstream),
             timeout=httpx.Timeout(upstream.request_timeout),
         )
         response: httpx.Response | None = None
         outcome = Outcome.CANCELLED  # until known: an exception or cancellation is not the node's fault
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as deadline:
                 response = await self.client.send(http_request, stream=True)
                 record.status = response.status_code
-                if not request.stream:
+                verdict = status_outcome(response.status_code)
+                if verdict is Outcome.RATE_LIMITED:
+                    result.note_retry_after(retry_after_s(response.headers, self.clock()))
+                if verdict.failed:
+                    raise _AttemptFailed(verdict)
+                passed = response.status_code < 300
+                if passed and _is_html(response.headers):
+                    raise _AttemptFailed(Outcome.INVALID_ANSWER)
+                if passed and assembled and _is_event_stream(response.headers):
+                    result.answer = await self._assemble(response, upstream, record, started, deadline)
+                elif passed and (sent.stream or _is_event_stream(response.headers)):
+                    opened = await self._open_stream(_decoding(response), candidate, lease, record, started)
+                    if isinstance(opened, OpenStream):
+                        result.stream = opened
+                    else:
+                        result.answer = judge_answer(opened)
+                else:
                     record.ttfb_s = time.monotonic() - started
-                outcome = status_outcome(response.status_code)
-                if outcome.failed:
-                    raise _AttemptFailed(outcome)
-                if request.stream and response.status_code < 300:
-                    opened = await self._open_stream(response, candidate, lease, record, started)
-                else:
-                    body = b"".join([chunk async for chunk in response.aiter_raw()])
-                    opened = CompleteAnswer(response.status_code, response_headers(response), body)
-                if isinstance(opened, OpenStream):
-                    result.stream = opened
-                else:
-                    result.answer = opened
+                    body = await response.aread()  # decoded: the client gets it without content-encoding
+                    result.answer = judge_answer(CompleteAnswer(response.status_code, response_headers(response), body))
+                outcome = verdict
         except _AttemptFailed as failure:
             outcome = failure.outcome
-        except TimeoutError:
-            outcome = Outcome.TIMEOUT
+        except TimeoutError:  # after an assembled stream's first token, the idle limit may be what ran out
+            stalled = assembled and record.ttfb_s is not None and record.timeout_s != upstream.request_timeout
+            outcome = Outcome.STALLED if stalled else Outcome.TIMEOUT
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
             outcome = Outcome.CONNECT_ERROR
         except (httpx.HTTPError, OSError):
@@ -205,6 +270,39 @@ class Gate:
                 if response is not None:
                     await response.aclose()
         return record, outcome
+
+    async def _assemble(self, response: httpx.Response, upstream: Upstream, record: AttemptRecord,
+                        started: float, deadline: asyncio.Timeout) -> CompleteAnswer:
+        """Read the stream asked for on behalf of a non-streaming client into one `chat.completion`.
+
+        Its first data event must come within `first_byte_timeout` (the deadline as entered); from then
+        on the whole answer has until `request_timeout` after the attempt started, and at most
+        `stream_idle_timeout` between two events. The client has seen nothing yet, so a stream that
+        breaks, stalls or errs on the way fails this attempt, not the request.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + upstream.request_timeout - (time.monotonic() - started)
+        assembler = CompletionAssembler()
+        async for chunk in response.aiter_bytes():
+            if not assembler.feed(chunk):
+                continue  # keep-alive comments are no progress
+            if record.ttfb_s is None:
+                record.ttfb_s = time.monotonic() - started
+            if assembler.error is not None:
+                raise _AttemptFailed(Outcome.IN_BAND_ERROR)
+            if assembler.done:
+                break  # `[DONE]`: whatever follows (a connection kept open) is not part of the answer
+            idle_end = loop.time() + upstream.stream_idle_timeout
+            record.timeout_s = upstream.stream_idle_timeout if idle_end < end else upstream.request_timeout
+            deadline.reschedule(min(idle_end, end))
+        assembler.finish()
+        if assembler.error is not None:
+            raise _AttemptFailed(Outcome.IN_BAND_ERROR)
+        if not assembler.complete:
+            raise _AttemptFailed(Outcome.TRUNCATED)
+        headers = [(k, v) for k, v in response_headers(response) if k.lower() != "content-type"]
+        body = json.dumps(assembler.completion(), ensure_ascii=False).encode()
+        return CompleteAnswer(response.status_code, [*headers, ("content-type", "application/json")], body)
 
     async def _open_stream(self, response: httpx.Response, candidate: Candidate, lease: Lease,
                            record: AttemptRecord, started: float) -> OpenStream | CompleteAnswer:
@@ -222,7 +320,8 @@ class Gate:
                 raise _AttemptFailed(Outcome.IN_BAND_ERROR)
             if first is not None or len(buffer) > MAX_FIRST_EVENT_BYTES:
                 return OpenStream(response.status_code, response_headers(response), candidate, record, lease,
-                                  response, head, rest, started, self.clock)
+                                  response, head, rest, started, self.clock,
+                                  reason=response.reason_phrase.encode("latin-1", "replace"))
         if not head:
             raise _AttemptFailed(Outcome.RESET)
         # The server ended without an SSE event (it answered a stream request with plain JSON): pass it on.
@@ -232,25 +331,30 @@ class Gate:
 def upstream_headers(client_headers: list[tuple[str, str]], candidate: Candidate) -> list[tuple[str, str]]:
     """The client's headers, fit for this upstream.
 
-    The client's own credentials go only to the first upstream, and only when the profile gives it
-    no key of its own: a fallback provider never sees them.
+    The primary is the server the client addresses: it gets the client's headers, but not the client's
+    credentials when the profile gives it a key of its own. A fallback provider gets only headers that
+    describe the request (`FALLBACK_HEADERS`): never the client's credentials, cookies or account ids.
     """
     api_key = candidate.upstream.api_key
-    keep_credentials = api_key is None and candidate.is_primary
-    headers = [
-        (k, v) for k, v in client_headers
-        if k.lower() not in HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
-        and (keep_credentials or k.lower() not in CLIENT_CREDENTIALS)
-    ]
+    if candidate.is_primary:
+        headers = [(k, v) for k, v in client_headers
+                   if k.lower() not in _NEVER_FORWARDED and (api_key is None or k.lower() not in CLIENT_CREDENTIALS)]
+    else:
+        headers = [(k, v) for k, v in client_headers if _meant_for_any_provider(k.lower())]
     headers.append(("accept-encoding", "identity"))  # the gate reads the first SSE event
     if api_key:
         headers.append(("authorization", f"Bearer {api_key}"))
     return headers
 
 
+def _meant_for_any_provider(name: str) -> bool:
+    return name in FALLBACK_HEADERS or name.startswith(FALLBACK_HEADER_PREFIXES)
+
+
 def response_headers(response: httpx.Response) -> list[tuple[str, str]]:
+    """The upstream's headers for the client; the body it gets is always decoded (no content-encoding)."""
     return [(k, v) for k, v in response.headers.multi_items()
-            if k.lower() not in HOP_BY_HOP | {"content-length"}]
+            if k.lower() not in HOP_BY_HOP | {"content-length", "content-encoding"}]
 
 
 def _json_body(body: bytes) -> dict:
@@ -263,12 +367,19 @@ def _json_body(body: bytes) -> dict:
     return payload if isinstance(payload, dict) else {}
 
 
-_UPSTREAM_ANSWERED = {Outcome.HTTP_ERROR, Outcome.RATE_LIMITED, Outcome.IN_BAND_ERROR, Outcome.RESET}
+_UPSTREAM_ANSWERED = {Outcome.HTTP_ERROR, Outcome.RATE_LIMITED, Outcome.IN_BAND_ERROR, Outcome.RESET,
+                      Outcome.INVALID_ANSWER, Outcome.TRUNCATED}
 
 
-def failure_answer(attempts: list[AttemptRecord]) -> CompleteAnswer:
-    """The OpenAI-style error for a request that no candidate could serve."""
+def failure_answer(attempts: list[AttemptRecord], retry_after: float | None = None) -> CompleteAnswer:
+    """The OpenAI-style error for a request that no candidate could serve.
+
+    When every attempt was rate-limited the client is told so: a 429 with the shortest `Retry-After`
+    the upstreams gave (`retry_after`, seconds), so that it backs off as it would from the provider.
+    """
     outcomes = {Outcome(a.outcome) for a in attempts}
+    if outcomes == {Outcome.RATE_LIMITED}:
+        return _rate_limited_answer(attempts, retry_after)
     if outcomes & _UPSTREAM_ANSWERED:
         status, kind, code = 502, "upstream_error", "all_upstreams_failed"
     elif Outcome.TIMEOUT in outcomes:
@@ -279,6 +390,129 @@ def failure_answer(attempts: list[AttemptRecord]) -> CompleteAnswer:
     message = f"llm-ha: no upstream could answer ({len(attempts)} attempts: {tried})"
     body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
     return CompleteAnswer(status, [("content-type", "application/json")], body)
+
+
+def _rate_limited_answer(attempts: list[AttemptRecord], retry_after: float | None) -> CompleteAnswer:
+    tried = "; ".join(describe_attempt(a) for a in attempts)
+    message = f"llm-ha: every upstream is rate-limiting this request ({len(attempts)} attempts: {tried})"
+    body = json.dumps({"error": {"message": message, "type": "rate_limit_error", "code": "rate_limited"}}).encode()
+    headers = [("content-type", "application/json")]
+    if retry_after is not None:
+        headers += [("retry-after", str(math.ceil(retry_after))), ("retry-after-ms", str(math.ceil(retry_after * 1000)))]
+    return CompleteAnswer(429, headers, body)
+
+
+def retry_after_s(headers: httpx.Headers, now: float) -> float | None:
+    """How long a 429 asks to wait: `retry-after-ms` (OpenAI's), else `Retry-After` in seconds or as an HTTP date."""
+    with contextlib.suppress(ValueError):
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now) if when.tzinfo else None
+
+
+# -- what the upstream is asked, and how its answer is judged
+
+_LAX_TRUE = {"true", "yes", "y", "on", "t", "1"}
+_LAX_FALSE = {"false", "no", "n", "off", "f", "0"}
+
+
+def stream_flag(value: object) -> bool | None:
+    """`stream` as a lax server reads it (pydantic, as vLLM and SGLang parse requests); None: as no boolean."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.lower()
+        return True if word in _LAX_TRUE else False if word in _LAX_FALSE else None
+    return None
+
+
+def with_stream_decided(request: LlmRequest) -> LlmRequest:
+    """The request with `stream` as a JSON boolean, so that what the gate expects is what the upstream does.
+
+    `"stream": "yes"` streams on a lax server and is refused by a strict one; sent as `true`, it
+    streams on both, and the gate gates it as a stream.
+    """
+    value = request.payload.get("stream")
+    flag = stream_flag(value)
+    if "stream" not in request.payload or isinstance(value, bool) or flag is None:
+        return request
+    return _with_payload(request, {**request.payload, "stream": flag})
+
+
+def assembles(request: LlmRequest) -> bool:
+    """A non-streaming chat completion: asked of the upstream as a stream and assembled (`core/assemble.py`)."""
+    return (request.method == "POST" and not request.stream and request.continuing is None
+            and request.path.split("?", 1)[0].rstrip("/").endswith("/chat/completions")
+            and isinstance(request.payload.get("messages"), list))
+
+
+def streamed_form(request: LlmRequest) -> LlmRequest:
+    """The streaming request for a non-streaming client's: its first token can be gated, usage still comes."""
+    options = request.payload.get("stream_options")
+    options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return _with_payload(request, {**request.payload, "stream": True, "stream_options": options})
+
+
+def _with_payload(request: LlmRequest, payload: dict) -> LlmRequest:
+    return dataclasses.replace(request, payload=payload, body=json.dumps(payload, ensure_ascii=False).encode())
+
+
+def judge_answer(answer: CompleteAnswer) -> CompleteAnswer:
+    """A 2xx JSON answer that is an error object, or JSON cut short, fails the attempt; others pass as they are."""
+    if not 200 <= answer.status < 300 or answer.status == 204:
+        return answer
+    content_type = next((v for k, v in answer.headers if k.lower() == "content-type"), "")
+    looks_json = "json" in content_type.lower() or (not content_type and answer.body.lstrip()[:1] in (b"{", b"["))
+    if not looks_json:
+        return answer
+    try:
+        payload = json.loads(answer.body)
+    except ValueError:
+        raise _AttemptFailed(Outcome.TRUNCATED) from None
+    if isinstance(payload, dict) and payload.get("error") is not None:
+        raise _AttemptFailed(Outcome.IN_BAND_ERROR)
+    return answer
+
+
+def _is_html(headers: httpx.Headers) -> bool:
+    return headers.get("content-type", "").lower().startswith("text/html")
+
+
+def _is_event_stream(headers: httpx.Headers) -> bool:
+    return headers.get("content-type", "").lower().startswith("text/event-stream")
+
+
+class _Decoded:
+    """A response read through its content decoder: `aiter_raw` yields what `aiter_bytes` does.
+
+    The gate must read the first SSE event of a stream the upstream compressed although asked for
+    `identity`, and the client gets the decoded body (`response_headers` drops `content-encoding`).
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    def __getattr__(self, name: str):
+        return getattr(self._response, name)
+
+    def aiter_raw(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        return self._response.aiter_bytes(chunk_size)
+
+
+def _decoding(response: httpx.Response) -> httpx.Response:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    return response if encoding in ("", "identity") else _Decoded(response)  # type: ignore[return-value]
 
 
 def internal_error_answer() -> CompleteAnswer:

@@ -1,13 +1,23 @@
-"""Hands open upstream streams to mitmproxy through a server on loopback.
+"""Hands open upstream streams to mitmproxy through a server on loopback, and keeps them going.
 
 mitmproxy sends a response that an addon sets whole, so a streaming answer that the gate holds open
 cannot be given to it directly. Instead the flow is pointed at this server with a one-time token;
 mitmproxy fetches it like any upstream and streams it to the client chunk by chunk. The flow's real
 URL is put back in `responseheaders`, so what is shown and recorded is the client's request.
 
+On the way, a stream of a protocol llm-ha can follow (`core/splice.py`) is watched event by event:
+- only whole events are passed on, so a break never leaves half an event with the client;
+- when the protocol's end (`[DONE]`) arrives, it goes out together with the end of the message, so
+  mitmproxy has the whole response (and records it) before a client that hangs up at `[DONE]` leaves;
+- no data event for `stream_idle_timeout` is a stall; a reset, a cut, an in-band error event or an end
+  without the protocol's end is a break. Either is handed to the relay's `resume`, which may continue
+  the answer on another node; the continuation's events are rewritten into the client's stream. If
+  it cannot, the client gets an in-band error event naming the break, then the broken connection:
+  never a truncated answer dressed as complete.
+
 A token not fetched within `claim_timeout` (the flow was killed, the client left) is dropped and its
-upstream stream closed, so nothing leaks. However a stream ends, its attempt's lease is released once,
-with the outcome: OK, STREAM_CUT when the upstream broke, CANCELLED when the client left.
+upstream stream closed, so nothing leaks. However a stream ends, its attempt's lease is released
+once, with the outcome: OK, a break, or CANCELLED when the client left.
 """
 
 from __future__ import annotations
@@ -16,10 +26,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import httpx
 
+from ..core.splice import Answer, Splicer, StreamFollower, error_event, splice_comment
 from ..core.types import Outcome
 from .gate import OpenStream
 from .httpserver import HttpServer, Request, Responder
@@ -27,12 +39,30 @@ from .httpserver import HttpServer, Request, Responder
 logger = logging.getLogger(__name__)
 
 PATH_PREFIX = "/llm-ha/handoff/"
+DRAIN_AFTER_END_S = 1.0  # how long the upstream may take to close its response after `[DONE]`
+
+Resumer = Callable[["Relay", OpenStream, Outcome], Awaitable[OpenStream | None]]
+
+
+@dataclass
+class Relay:
+    """One streamed answer on its way to the client, across the continuations it may need."""
+
+    stream: OpenStream
+    extra_headers: list[tuple[str, str]]
+    follower: StreamFollower | None = None  # None: a stream llm-ha cannot follow, passed on as it comes
+    resume: Resumer | None = None
+    why_not_resumed: str = ""  # set by `resume` when it declines
+    breaks: list[tuple[OpenStream, Outcome]] = field(default_factory=list)
+
+    @property
+    def answer(self) -> Answer | None:
+        return self.follower.answer if self.follower else None
 
 
 @dataclass
 class _Pending:
-    stream: OpenStream
-    extra_headers: list[tuple[str, str]]
+    relay: Relay
     expiry: asyncio.TimerHandle
 
 
@@ -62,11 +92,11 @@ class HandoffServer:
         while (self.active or self._pending) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)
 
-    def register(self, stream: OpenStream, extra_headers: list[tuple[str, str]]) -> str:
+    def register(self, relay: Relay) -> str:
         """Park an open stream; returns the path under which mitmproxy fetches it once."""
         token = secrets.token_urlsafe(18)
         expiry = asyncio.get_running_loop().call_later(self.claim_timeout, self._spawn_expiry, token)
-        self._pending[token] = _Pending(stream, extra_headers, expiry)
+        self._pending[token] = _Pending(relay, expiry)
         return PATH_PREFIX + token
 
     def release(self, path: str) -> None:
@@ -89,7 +119,7 @@ class HandoffServer:
         if pending is None:
             return
         pending.expiry.cancel()
-        await pending.stream.close(Outcome.CANCELLED)
+        await pending.relay.stream.close(Outcome.CANCELLED)
 
     async def _serve(self, request: Request, responder: Responder) -> None:
         pending = self._pending.pop(request.path.removeprefix(PATH_PREFIX), None)
@@ -99,37 +129,111 @@ class HandoffServer:
                                     [("content-type", "application/json")])
             return
         pending.expiry.cancel()
+        relay = pending.relay
         self.active += 1
         try:
-            await self._deliver(pending, responder)
+            stream = relay.stream
+            await responder.start(stream.status, [*stream.headers, *relay.extra_headers], stream.reason)
+            await self._deliver(relay, responder)
         finally:
             self.active -= 1
-            await pending.stream.close(Outcome.CANCELLED)  # a no-op unless _deliver was interrupted
+            await relay.stream.close(Outcome.CANCELLED)  # a no-op unless delivery was interrupted
 
-    async def _deliver(self, pending: _Pending, responder: Responder) -> None:
-        stream = pending.stream
-        await responder.start(stream.status, [*stream.headers, *pending.extra_headers])
-        pump = asyncio.create_task(self._pump(stream, responder))
-        left = asyncio.create_task(responder.disconnected.wait())
-        await asyncio.wait({pump, left}, return_when=asyncio.FIRST_COMPLETED)
-        left.cancel()
-        if pump.done():
-            outcome = pump.result()
-        else:  # the client left
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-            outcome = Outcome.CANCELLED
-        await stream.close(outcome)
+    async def _deliver(self, relay: Relay, responder: Responder) -> None:
+        splicer: Splicer | None = None
+        while True:
+            stream = relay.stream
+            pump = asyncio.create_task(self._pump(stream, responder, relay.follower, splicer))
+            left = asyncio.create_task(responder.disconnected.wait())
+            await asyncio.wait({pump, left}, return_when=asyncio.FIRST_COMPLETED)
+            left.cancel()
+            if pump.done():
+                outcome = pump.result()
+            else:  # the client left
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+                outcome = Outcome.CANCELLED
+            if outcome.broke_stream:
+                stream.record.events = relay.answer.events if relay.answer else 0
+            await stream.close(outcome)
+            if not outcome.broke_stream:
+                return
+            relay.breaks.append((stream, outcome))
+            continuation = await self._continue(relay, stream, outcome, responder)
+            if continuation is None:
+                return
+            relay.stream = continuation
+            splicer = Splicer(relay.follower.protocol, relay.follower.answer) if relay.follower else None
 
-    async def _pump(self, stream: OpenStream, responder: Responder) -> Outcome:
+    async def _continue(self, relay: Relay, broken: OpenStream, outcome: Outcome,
+                        responder: Responder) -> OpenStream | None:
+        """After a break: end a whole answer properly, continue a partial one, or pass the break on."""
+        answer = relay.answer
+        where = f"{broken.record.upstream} {broken.record.node}"
+        chunks = f"{answer.events} events" if answer else "its first bytes"
+        if answer is not None and answer.complete:  # only the closing marker was missing
+            await responder.end(b"data: [DONE]\n\n")
+            return None
+        continuation = await relay.resume(relay, broken, outcome) if relay.resume and answer else None
+        if continuation is not None:
+            await responder.send(splice_comment(
+                f"llm-ha: {where} {outcome.value} after {chunks}; resumed on "
+                f"{continuation.record.upstream} {continuation.record.node}"))
+            return continuation
+        logger.info(f"llm-ha: {where} broke its stream ({outcome.value} after {chunks})"
+                    + (f"; not resumed: {relay.why_not_resumed}" if relay.why_not_resumed else ""))
+        if answer is not None:
+            why = f": {relay.why_not_resumed}" if relay.why_not_resumed else ""
+            await responder.send(error_event(
+                f"llm-ha: the stream from {broken.record.upstream} broke ({outcome.value} after {chunks}) "
+                f"and could not be continued{why}", f"stream_{outcome.value}"))
+        responder.abort()  # the client must see a broken stream, not a clean end
+        return None
+
+    async def _pump(self, stream: OpenStream, responder: Responder, follower: StreamFollower | None,
+                    splicer: Splicer | None) -> Outcome:
+        """Pass one upstream stream on until it ends: OK, a break, or CANCELLED (the client left)."""
+        loop = asyncio.get_running_loop()
+        idle = stream.candidate.upstream.stream_idle_timeout
+        chunks = stream.chunks()
         try:
-            async for chunk in stream.chunks():
-                await responder.send(chunk)
+            async with asyncio.timeout(loop.time() + idle) as deadline:
+                async for chunk in chunks:
+                    if splicer is not None:
+                        chunk = splicer.feed(chunk)
+                    if follower is None:
+                        deadline.reschedule(loop.time() + idle)
+                        await responder.send(chunk)
+                        continue
+                    chunk = follower.feed(chunk)
+                    if follower.progressed:
+                        deadline.reschedule(loop.time() + idle)
+                    if follower.answer.error is not None:
+                        await responder.send(chunk)
+                        return Outcome.IN_BAND_ERROR
+                    if follower.answer.done:
+                        stream.mark_delivered()
+                        await responder.end(chunk)
+                        await self._drain(chunks)
+                        return Outcome.OK
+                    await responder.send(chunk)
+        except TimeoutError:
+            return Outcome.STALLED
         except ConnectionError:
             return Outcome.CANCELLED
         except (httpx.HTTPError, OSError) as e:
-            logger.info(f"llm-ha: {stream.record.upstream} {stream.record.node} cut its stream: {type(e).__name__}")
-            responder.abort()  # the client must see a broken stream, not a clean end
+            logger.debug(f"llm-ha: {stream.record.upstream} {stream.record.node} cut its stream: {type(e).__name__}")
             return Outcome.STREAM_CUT
-        return Outcome.OK
+        if follower is None:
+            await responder.end()
+            return Outcome.OK
+        return Outcome.TRUNCATED
+
+    @staticmethod
+    async def _drain(chunks) -> None:
+        """Read the upstream's end after `[DONE]`, briefly, so its connection can be reused."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(DRAIN_AFTER_END_S):
+                async for _ in chunks:
+                    pass

@@ -56,18 +56,20 @@ class Responder:
     started: bool = False
     ended: bool = False
 
-    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+    async def start(self, status: int, headers: list[tuple[str, str]], reason: bytes = b"") -> None:
         self.started = True
-        event = h11.Response(status_code=status, headers=[(k, v) for k, v in headers])
+        event = h11.Response(status_code=status, headers=[(k, v) for k, v in headers], reason=reason)
         await self._write(self._conn.send(event))
 
     async def send(self, data: bytes) -> None:
         if data:
             await self._write(self._conn.send(h11.Data(data=data)))
 
-    async def end(self) -> None:
+    async def end(self, last: bytes = b"") -> None:
+        """End the message; `last` data goes out in the same write, so the peer sees both at once."""
         self.ended = True
-        await self._write(self._conn.send(h11.EndOfMessage()))
+        data = self._conn.send(h11.Data(data=last)) if last else b""
+        await self._write(data + self._conn.send(h11.EndOfMessage()))
 
     async def respond(self, status: int, body: bytes, headers: list[tuple[str, str]] = ()) -> None:
         await self.start(status, [*headers, ("content-length", str(len(body)))])
@@ -189,6 +191,10 @@ class HttpServer:
             while await self._serve_one(conn, reader, writer):
                 conn.start_next_cycle()
         except (ConnectionError, asyncio.IncompleteReadError, h11.ProtocolError):
+            pass
+        except asyncio.CancelledError:
+            # `stop`, or the proxy quitting, cut this connection. End quietly: on Python 3.12.0-3.12.1
+            # asyncio prints a traceback for a cancelled connection task (CPython gh-113538).
             pass
         finally:
             self._connections.pop(task, None)
