@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-import httpx
 from rich import box
 from rich.ansi import AnsiDecoder
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -651,7 +650,10 @@ def status_url(address: str) -> str:
     return address if address.endswith("/status") else address + "/status"
 
 
-def fetch_status(client: httpx.Client, url: str) -> dict:
+def fetch_status(client, url: str) -> dict:
+    """`GET url` with an httpx client: the status dict, or StatusUnavailable saying why not."""
+    import httpx
+
     try:
         response = client.get(url)
         response.raise_for_status()
@@ -676,6 +678,7 @@ class Viewer:
     def __init__(self, url: str, retry_every: float | None = None, timeout: float = 2.0) -> None:
         self.url = url
         self.retry_every = retry_every
+        import httpx  # the standalone viewer's; the proxy never imports it
         self.client = httpx.Client(timeout=timeout, trust_env=False)  # never via $HTTP_PROXY
         self.down_since: float | None = None
         self.failures = 0

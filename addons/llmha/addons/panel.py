@@ -9,7 +9,6 @@ import logging
 from mitmproxy import ctx
 from mitmproxy.tools.dump import DumpMaster
 
-from ..panel import LivePanel
 from .runtime import TICK_S, RuntimeLoader
 
 logger = logging.getLogger("llm_ha")
@@ -18,7 +17,7 @@ logger = logging.getLogger("llm_ha")
 class PanelAddon:
     def __init__(self, loader: RuntimeLoader) -> None:
         self.loader = loader
-        self.panel: LivePanel | None = None
+        self.panel = None  # a LivePanel while shown (rich is imported only then)
         self._snapshot: dict = {}
         self._refresher: asyncio.Task | None = None
         self._running = False
@@ -50,6 +49,8 @@ class PanelAddon:
             logger.info("llm-ha: the panel runs in mitmdump; beside the console use `python -m llmha.panel` "
                         "with llm_ha_status set")
             return
+        from ..panel import LivePanel
+
         panel = LivePanel(lambda: self._snapshot)
         if panel.start():
             self.panel = panel

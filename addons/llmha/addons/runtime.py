@@ -18,7 +18,6 @@ import time
 from collections import deque
 from urllib.parse import urlsplit
 
-import httpx
 from mitmproxy import ctx, exceptions, flowfilter, http
 from mitmproxy.proxy import mode_specs
 
@@ -30,12 +29,12 @@ from ..core.splice import plan_resume
 from ..core.status import build_status, is_loopback
 from ..core.types import AttemptRecord, NodeId, Outcome, describe_attempt
 from ..proxy.gate import Gate, LlmRequest, OpenStream
+from ..proxy.upstream import UpstreamClient
 from ..proxy.handoff import HandoffServer, Relay, Resumer
 from ..proxy.modes import mode_url
 from .eventlog import EventLog
 
 logger = logging.getLogger("llm_ha")
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream attempt drowns mitmproxy's log
 
 _retiring: set[asyncio.Task] = set()  # module-level: outlives the addon object on script reload
 TICK_S = 0.25
@@ -57,8 +56,7 @@ class Runtime:
         self.instance = instance or instance_id()
         self.pool = self._node_pool()
         self.picker = CandidatePicker(profile)
-        self.client = httpx.AsyncClient(trust_env=False, proxy=upstream_proxy,
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self.client = UpstreamClient(proxy=upstream_proxy)
         self.gate = Gate(self.pool, self.client, on_failover=self._on_failover,
                          max_attempts=None if profile.transparent_failover else 1)
         self.handoff = HandoffServer()

@@ -8,7 +8,6 @@ import logging
 from mitmproxy import ctx, exceptions
 
 from ..core.status import is_loopback, parse_listen_address
-from ..statusserver import StatusServer
 from .runtime import RuntimeLoader
 
 logger = logging.getLogger("llm_ha")
@@ -17,7 +16,7 @@ logger = logging.getLogger("llm_ha")
 class StatusAddon:
     def __init__(self, loader: RuntimeLoader) -> None:
         self.loader = loader
-        self.server: StatusServer | None = None
+        self.server = None  # a StatusServer while serving (prometheus_client is imported only then)
         self._running = False
 
     def load(self, loader) -> None:
@@ -56,6 +55,8 @@ class StatusAddon:
             host, port = parse_listen_address(ctx.options.llm_ha_status)
         except ValueError:
             return  # empty, or refused at start-up already
+        from ..statusserver import StatusServer
+
         server = StatusServer(self.loader.status, host, port)
         try:
             await server.start()

@@ -31,7 +31,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import httpx
 
 from ..core.assemble import CompletionAssembler
 from ..core.candidates import Candidate
@@ -39,6 +38,7 @@ from ..core.nodes import Lease, Leases
 from ..core.profile import Upstream
 from ..core.splice import Answer, StreamProtocol, protocol_for
 from ..core.sse import error_in, event_data, split_events
+from .upstream import ConnectFailed, Headers, UpstreamClient, UpstreamResponse
 from ..core.types import AttemptRecord, Outcome, describe_attempt, status_outcome
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -118,7 +118,7 @@ class OpenStream:
     candidate: Candidate
     record: AttemptRecord
     lease: Lease
-    response: httpx.Response
+    response: UpstreamResponse
     head: list[bytes]
     rest: AsyncIterator[bytes]
     started_monotonic: float
@@ -174,7 +174,7 @@ FailoverListener = Callable[[Candidate, Candidate, AttemptRecord], None]
 
 
 class Gate:
-    def __init__(self, leases: Leases, client: httpx.AsyncClient, clock: Callable[[], float] = time.time,
+    def __init__(self, leases: Leases, client: UpstreamClient, clock: Callable[[], float] = time.time,
                  on_failover: FailoverListener | None = None, max_attempts: int | None = None) -> None:
         self.leases = leases
         self.client = client
@@ -218,17 +218,12 @@ class Gate:
         record = AttemptRecord(upstream=upstream.name, node=node.url, start=self.clock(), timeout_s=limit)
         result.attempts.append(record)
         started = time.monotonic()
-        http_request = self.client.build_request(
-            sent.method, node.url + sent.path,
-            headers=upstream_headers(sent.headers, candidate),
-            content=sent.body_for(upstream),
-            timeout=httpx.Timeout(upstream.request_timeout),
-        )
-        response: httpx.Response | None = None
+        headers, body = upstream_headers(sent.headers, candidate), sent.body_for(upstream)
+        response: UpstreamResponse | None = None
         outcome = Outcome.CANCELLED  # until known: an exception or cancellation is not the node's fault
         try:
             async with asyncio.timeout(limit) as deadline:
-                response = await self.client.send(http_request, stream=True)
+                response = await self.client.send(sent.method, node.url + sent.path, headers, body)
                 record.status = response.status_code
                 verdict = status_outcome(response.status_code)
                 if verdict is Outcome.RATE_LIMITED:
@@ -241,7 +236,7 @@ class Gate:
                 if passed and assembled and _is_event_stream(response.headers):
                     result.answer = await self._assemble(response, upstream, record, started, deadline)
                 elif passed and (sent.stream or _is_event_stream(response.headers)):
-                    opened = await self._open_stream(_decoding(response), candidate, lease, record, started)
+                    opened = await self._open_stream(response, candidate, lease, record, started)
                     if isinstance(opened, OpenStream):
                         result.stream = opened
                     else:
@@ -256,9 +251,9 @@ class Gate:
         except TimeoutError:  # after an assembled stream's first token, the idle limit may be what ran out
             stalled = assembled and record.ttfb_s is not None and record.timeout_s != upstream.request_timeout
             outcome = Outcome.STALLED if stalled else Outcome.TIMEOUT
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
+        except ConnectFailed:
             outcome = Outcome.CONNECT_ERROR
-        except (httpx.HTTPError, OSError):
+        except OSError:
             outcome = Outcome.RESET
         finally:
             record.outcome = outcome.value
@@ -271,7 +266,7 @@ class Gate:
                     await response.aclose()
         return record, outcome
 
-    async def _assemble(self, response: httpx.Response, upstream: Upstream, record: AttemptRecord,
+    async def _assemble(self, response: UpstreamResponse, upstream: Upstream, record: AttemptRecord,
                         started: float, deadline: asyncio.Timeout) -> CompleteAnswer:
         """Read the stream asked for on behalf of a non-streaming client into one `chat.completion`.
 
@@ -304,10 +299,14 @@ class Gate:
         body = json.dumps(assembler.completion(), ensure_ascii=False).encode()
         return CompleteAnswer(response.status_code, [*headers, ("content-type", "application/json")], body)
 
-    async def _open_stream(self, response: httpx.Response, candidate: Candidate, lease: Lease,
+    async def _open_stream(self, response: UpstreamResponse, candidate: Candidate, lease: Lease,
                            record: AttemptRecord, started: float) -> OpenStream | CompleteAnswer:
-        """Read up to the first SSE data event: the stream that passed, or a whole answer without events."""
-        rest = response.aiter_raw()
+        """Read up to the first SSE data event: the stream that passed, or a whole answer without events.
+
+        The body is read decoded: a stream the upstream compressed although asked for `identity` is
+        gated on its events all the same, and the client gets it without `content-encoding`.
+        """
+        rest = response.aiter_bytes()
         head: list[bytes] = []
         buffer = b""
         async for chunk in rest:
@@ -351,7 +350,7 @@ def _meant_for_any_provider(name: str) -> bool:
     return name in FALLBACK_HEADERS or name.startswith(FALLBACK_HEADER_PREFIXES)
 
 
-def response_headers(response: httpx.Response) -> list[tuple[str, str]]:
+def response_headers(response: UpstreamResponse) -> list[tuple[str, str]]:
     """The upstream's headers for the client; the body it gets is always decoded (no content-encoding)."""
     return [(k, v) for k, v in response.headers.multi_items()
             if k.lower() not in HOP_BY_HOP | {"content-length", "content-encoding"}]
@@ -402,7 +401,7 @@ def _rate_limited_answer(attempts: list[AttemptRecord], retry_after: float | Non
     return CompleteAnswer(429, headers, body)
 
 
-def retry_after_s(headers: httpx.Headers, now: float) -> float | None:
+def retry_after_s(headers: Headers, now: float) -> float | None:
     """How long a 429 asks to wait: `retry-after-ms` (OpenAI's), else `Retry-After` in seconds or as an HTTP date."""
     with contextlib.suppress(ValueError):
         if "retry-after-ms" in headers:
@@ -485,34 +484,12 @@ def judge_answer(answer: CompleteAnswer) -> CompleteAnswer:
     return answer
 
 
-def _is_html(headers: httpx.Headers) -> bool:
+def _is_html(headers: Headers) -> bool:
     return headers.get("content-type", "").lower().startswith("text/html")
 
 
-def _is_event_stream(headers: httpx.Headers) -> bool:
+def _is_event_stream(headers: Headers) -> bool:
     return headers.get("content-type", "").lower().startswith("text/event-stream")
-
-
-class _Decoded:
-    """A response read through its content decoder: `aiter_raw` yields what `aiter_bytes` does.
-
-    The gate must read the first SSE event of a stream the upstream compressed although asked for
-    `identity`, and the client gets the decoded body (`response_headers` drops `content-encoding`).
-    """
-
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-
-    def __getattr__(self, name: str):
-        return getattr(self._response, name)
-
-    def aiter_raw(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
-        return self._response.aiter_bytes(chunk_size)
-
-
-def _decoding(response: httpx.Response) -> httpx.Response:
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    return response if encoding in ("", "identity") else _Decoded(response)  # type: ignore[return-value]
 
 
 def internal_error_answer() -> CompleteAnswer:

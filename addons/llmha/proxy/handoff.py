@@ -29,8 +29,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
-
 from ..core.splice import Answer, Splicer, StreamFollower, error_event, splice_comment
 from ..core.types import Outcome
 from .gate import OpenStream
@@ -222,7 +220,7 @@ class HandoffServer:
             return Outcome.STALLED
         except ConnectionError:
             return Outcome.CANCELLED
-        except (httpx.HTTPError, OSError) as e:
+        except OSError as e:  # the upstream's connection broke (UpstreamError)
             logger.debug(f"llm-ha: {stream.record.upstream} {stream.record.node} cut its stream: {type(e).__name__}")
             return Outcome.STREAM_CUT
         if follower is None:

@@ -78,13 +78,20 @@ class UpstreamClient:
         conn = self._reusable(origin)
         if conn is not None:
             try:
-                return await conn.exchange(request, method)
+                return await self._exchange(conn, request, method)
             except ConnectionBroken:
                 if conn.answered_bytes:
                     raise
                 conn.close()  # a kept-alive connection the server had closed: once more, fresh
         conn = await self._connect(origin)
-        return await conn.exchange(request, method)
+        return await self._exchange(conn, request, method)
+
+    async def _exchange(self, conn: _Connection, request: bytes, method: str) -> UpstreamResponse:
+        try:
+            return await conn.exchange(request, method)
+        except BaseException:  # failed, timed out or cancelled before the head: the upstream must see us go
+            conn.close()
+            raise
 
     async def aclose(self) -> None:
         for conn in list(self._open):
@@ -122,6 +129,9 @@ class UpstreamClient:
         except (OSError, ssl.SSLError) as e:
             conn.close()
             raise ConnectFailed(f"cannot connect to {via.authority}: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
         self._open.add(conn)
         return conn
 
