@@ -58,6 +58,30 @@ class Relay:
         return self.follower.answer if self.follower else None
 
 
+class IdleTimer:
+    """`stream_idle_timeout` on one stream, cheap per chunk: progress only notes the time; a timer checks
+    now and then and, once the stream has been silent for the whole limit, ends the `asyncio.timeout`."""
+
+    def __init__(self, idle: float, timeout: asyncio.Timeout) -> None:
+        self.idle = idle
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self._handle = self.loop.call_at(self.last + idle, self._check)
+
+    def progress(self) -> None:
+        self.last = self.loop.time()
+
+    def _check(self) -> None:
+        if self.loop.time() >= self.last + self.idle:
+            self.timeout.reschedule(self.loop.time())  # TimeoutError in the pump: a stall
+        else:
+            self._handle = self.loop.call_at(self.last + self.idle, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 @dataclass
 class _Pending:
     relay: Relay
@@ -192,21 +216,21 @@ class HandoffServer:
     async def _pump(self, stream: OpenStream, responder: Responder, follower: StreamFollower | None,
                     splicer: Splicer | None) -> Outcome:
         """Pass one upstream stream on until it ends: OK, a break, or CANCELLED (the client left)."""
-        loop = asyncio.get_running_loop()
-        idle = stream.candidate.upstream.stream_idle_timeout
         chunks = stream.chunks()
+        idle: IdleTimer | None = None
         try:
-            async with asyncio.timeout(loop.time() + idle) as deadline:
+            async with asyncio.timeout(None) as timeout:
+                idle = IdleTimer(stream.candidate.upstream.stream_idle_timeout, timeout)
                 async for chunk in chunks:
                     if splicer is not None:
                         chunk = splicer.feed(chunk)
                     if follower is None:
-                        deadline.reschedule(loop.time() + idle)
+                        idle.progress()
                         await responder.send(chunk)
                         continue
                     chunk = follower.feed(chunk)
                     if follower.progressed:
-                        deadline.reschedule(loop.time() + idle)
+                        idle.progress()
                     if follower.answer.error is not None:
                         await responder.send(chunk)
                         return Outcome.IN_BAND_ERROR
@@ -223,6 +247,9 @@ class HandoffServer:
         except OSError as e:  # the upstream's connection broke (UpstreamError)
             logger.debug(f"llm-ha: {stream.record.upstream} {stream.record.node} cut its stream: {type(e).__name__}")
             return Outcome.STREAM_CUT
+        finally:
+            if idle is not None:
+                idle.cancel()
         if follower is None:
             await responder.end()
             return Outcome.OK

@@ -55,20 +55,30 @@ class Responder:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     started: bool = False
     ended: bool = False
+    _chunked: bool = False
 
     async def start(self, status: int, headers: list[tuple[str, str]], reason: bytes = b"") -> None:
         self.started = True
         event = h11.Response(status_code=status, headers=[(k, v) for k, v in headers], reason=reason)
         await self._write(self._conn.send(event))
+        # h11 frames a body without a length as chunks; the data path frames its chunks itself (the same
+        # bytes, without h11's per-event work), and h11 still writes the last chunk at `end`.
+        self._chunked = self._conn.their_http_version == b"1.1" and not any(
+            k.lower() in ("content-length", "transfer-encoding") for k, _ in headers)
 
     async def send(self, data: bytes) -> None:
-        if data:
+        if not data:
+            return
+        if self._chunked:
+            await self._write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
             await self._write(self._conn.send(h11.Data(data=data)))
 
     async def end(self, last: bytes = b"") -> None:
         """End the message; `last` data goes out in the same write, so the peer sees both at once."""
         self.ended = True
-        data = self._conn.send(h11.Data(data=last)) if last else b""
+        data = (b"%x\r\n%b\r\n" % (len(last), last) if self._chunked else self._conn.send(h11.Data(data=last))) \
+            if last else b""
         await self._write(data + self._conn.send(h11.EndOfMessage()))
 
     async def respond(self, status: int, body: bytes, headers: list[tuple[str, str]] = ()) -> None:
