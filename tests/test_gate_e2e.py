@@ -320,6 +320,7 @@ def test_upstream_proxy_mode_attempts_go_through_the_upstream_proxy(simulators, 
 
 def test_a_script_reload_lets_streams_in_flight_finish(simulators, proxies, tmp_path):
     import shutil as _shutil
+
     from llmbench.proxy import ADDON
     primary = simulators()  # physics: ~25 ms a token
     fallback = simulators("--preset", "fallback")

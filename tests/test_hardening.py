@@ -8,6 +8,9 @@ import json
 
 import httpx
 import pytest
+from mitmproxy.proxy import mode_specs
+from mitmproxy.test import tflow
+
 from llmha.addons.runtime import Runtime
 from llmha.core.candidates import Candidate
 from llmha.core.nodes import NodePool
@@ -27,8 +30,6 @@ from llmha.proxy.gate import (
     upstream_headers,
     with_stream_decided,
 )
-from mitmproxy.proxy import mode_specs
-from mitmproxy.test import tflow
 
 PRIMARY = Upstream("primary", ("http://10.0.0.5:8000",))
 KEYED_PRIMARY = Upstream("primary", ("http://10.0.0.5:8000",), api_key="sk-primary")

@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from support.fake_upstream import (
     FakeUpstream,
     Request,

@@ -24,7 +24,6 @@ import pytest
 from rich.console import Console
 from rich.style import Style
 
-from llmha.proxy.httpserver import HttpServer
 from llmha.panel import (
     LivePanel,
     Viewer,
@@ -35,7 +34,7 @@ from llmha.panel import (
     sparkline,
     status_url,
 )
-
+from llmha.proxy.httpserver import HttpServer
 from support.terminal import CHILD_ENV, Tmux
 
 NOW = 1764040000.0

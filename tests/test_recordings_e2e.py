@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 from mitmproxy import io as flow_io
-
 from test_replay import SERVER_REPLAY, background, mitmdump  # noqa: F401 - `background` is a fixture
 
 from llmsim.control import free_port

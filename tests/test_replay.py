@@ -19,13 +19,20 @@ from mitmproxy import flowfilter, io
 from mitmproxy.http import Headers
 from mitmproxy.test import tflow, tutils
 
-from llmha.core.types import Outcome
-from llmha.core.profile import HealthCheck, Upstream, load_profile
-from llmha.replay import (
-    PNG_NEEDS_MATPLOTLIB, RecordedAttempt, ReplayError, attempts_from_flow, evaluate, judge, read_attempts,
-    render_table, write_timeline_png,
-)
 from llmbench.proxy import ADDON, REPO, mitmdump_command
+from llmha.core.profile import HealthCheck, Upstream, load_profile
+from llmha.core.types import Outcome
+from llmha.replay import (
+    PNG_NEEDS_MATPLOTLIB,
+    RecordedAttempt,
+    ReplayError,
+    attempts_from_flow,
+    evaluate,
+    judge,
+    read_attempts,
+    render_table,
+    write_timeline_png,
+)
 from llmsim.control import free_port
 
 DATA = Path(__file__).resolve().parent / "data"

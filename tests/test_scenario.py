@@ -7,9 +7,20 @@ import csv
 import pytest
 
 from llmbench.bench_spike import build_table, row_values, verdicts, write_csv
-from llmbench.scenario import (VARIANTS, RunResult, SpikeLoad, describe_scale, down_periods, ejection_periods,
-                               estimated_capacity, primary_possible, profile_text, run_scenario, served_by,
-                               summarize_run)
+from llmbench.scenario import (
+    VARIANTS,
+    RunResult,
+    SpikeLoad,
+    describe_scale,
+    down_periods,
+    ejection_periods,
+    estimated_capacity,
+    primary_possible,
+    profile_text,
+    run_scenario,
+    served_by,
+    summarize_run,
+)
 from llmha.core.profile import load_profile
 from llmsim.loadgen import Record
 

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from llmsim.loadgen import Phase, arrival_schedule, parse_phases, read_records, run_load, summarize
 from llmsim.control import SimulatorError, start_simulator
+from llmsim.loadgen import Phase, arrival_schedule, parse_phases, read_records, run_load, summarize
 from llmsim.server import expected_answer, expected_generation
 
 pytestmark = pytest.mark.e2e

@@ -24,7 +24,6 @@ from mitmproxy.contentviews import Contentview, Metadata
 from .core.sse import error_in, iter_data
 from .core.types import META_KEY
 
-
 SSE_PRIORITY = 2.0  # above every built-in view (JSON is 1, raw 0.1)
 JSON_PRIORITY = 1.1  # just above the JSON view, for chat.completion answers
 

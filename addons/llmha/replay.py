@@ -55,7 +55,6 @@ from mitmproxy import ctx, flowfilter, http
 from mitmproxy import io as flow_io
 from mitmproxy.exceptions import FlowReadException
 
-
 from .core.health import HealthEvent, NodeMonitor, OutlierDetector
 from .core.profile import HealthCheck, Profile, ProfileError, Upstream, load_profile
 from .core.sse import error_in, iter_data

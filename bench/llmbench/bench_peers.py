@@ -578,7 +578,9 @@ def run_all(peers: list[str], scenarios: list[str], *, scale: float, seed: int, 
                 except Exception as exc:  # the run is reported as failed; the others still run
                     row = Row(peer, scenario, error=f"{type(exc).__name__}: {exc}"[:300])
                 rows.append(row)
-                say(f"  {row.error or f'{row.failed}/{row.requests} failed, primary crashes {row.primary_crashes}, served by primary {100 * (row.primary_share or 0):.1f}%, TTFT p95 {row.ttft_p95_ms} ms'}")
+                summary = (f"{row.failed}/{row.requests} failed, primary crashes {row.primary_crashes}, "
+                           f"served by primary {100 * (row.primary_share or 0):.1f}%, TTFT p95 {row.ttft_p95_ms} ms")
+                say(f"  {row.error or summary}")
         if requests > 0:
             over = overhead_peers if overhead_peers is not None else [p for p in peers if p != "nginx-1s"]
             say("overhead: healthy ideal upstream, sequential streaming requests ...")

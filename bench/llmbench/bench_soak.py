@@ -29,8 +29,20 @@ from rich.table import Table
 
 from llmsim.control import start_simulator
 
-from .bench_overhead import (PROFILE, SIM_QUIET, Answer, RawConnection, chat_request, first_error, open_fds,
-                             percentile, proc_status_kib, problems, proxy_cpu_seconds, raise_fd_limit)
+from .bench_overhead import (
+    PROFILE,
+    SIM_QUIET,
+    Answer,
+    RawConnection,
+    chat_request,
+    first_error,
+    open_fds,
+    percentile,
+    problems,
+    proc_status_kib,
+    proxy_cpu_seconds,
+    raise_fd_limit,
+)
 from .proxy import REPO, MitmProcess, start_mitmdump
 
 OUT_DIR = REPO / "out" / "bench-soak"

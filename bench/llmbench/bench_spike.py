@@ -51,9 +51,22 @@ from llmsim.control import start_simulator
 from llmsim.loadgen import Record, percentile, prompt_for, send_one
 from llmsim.server import PRIMARY as PRIMARY_PHYSICS
 
-from .scenario import (DEFAULT_LOAD, DEFAULT_OUT, DEFAULT_SCALE, DEFAULT_SEED, PRIMARY_MODEL, REFERENCE, VARIANTS,
-                       RunResult, SpikeLoad, Variant, describe_scale, estimated_capacity, run_scenario,
-                       summarize_run)
+from .scenario import (
+    DEFAULT_LOAD,
+    DEFAULT_OUT,
+    DEFAULT_SCALE,
+    DEFAULT_SEED,
+    PRIMARY_MODEL,
+    REFERENCE,
+    VARIANTS,
+    RunResult,
+    SpikeLoad,
+    Variant,
+    describe_scale,
+    estimated_capacity,
+    run_scenario,
+    summarize_run,
+)
 
 CALIBRATION_LEVELS = (12, 16, 20)
 TARGET_SHARE = 0.90

@@ -26,8 +26,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .scenario import (DEFAULT_LOAD, DEFAULT_OUT, DEFAULT_SCALE, DEFAULT_SEED, REFERENCE, VARIANTS,
-                       describe_scale, estimated_capacity, is_terminal, run_scenario, summarize_run)
+from .scenario import (
+    DEFAULT_LOAD,
+    DEFAULT_OUT,
+    DEFAULT_SCALE,
+    DEFAULT_SEED,
+    REFERENCE,
+    VARIANTS,
+    describe_scale,
+    estimated_capacity,
+    is_terminal,
+    run_scenario,
+    summarize_run,
+)
 
 DEMO_VARIANT = "llm-ha"
 
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = run_scenario(variant, scale=args.scale, seed=args.seed, load=load, out_dir=folder,
                               panel=not args.no_panel, terminal=terminal, confdir=str(out / ".mitmproxy"),
-                              progress=None if terminal else (lambda line: console.print("  " + line, soft_wrap=True, highlight=False)))
+                              progress=None if terminal else _printer(console))
     except KeyboardInterrupt:
         console.print("\n[red]interrupted[/red]: every process of the demo was stopped.")
         sys.exit(130)
@@ -125,3 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _printer(console):
+    return lambda line: console.print("  " + line, soft_wrap=True, highlight=False)

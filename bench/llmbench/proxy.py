@@ -12,8 +12,8 @@ import json
 import os
 import pty
 import socket
-import subprocess
 import struct
+import subprocess
 import sys
 import tempfile
 import termios

@@ -413,8 +413,9 @@ def run_scenario(variant: Variant, *, scale: float = DEFAULT_SCALE, seed: int = 
         else:
             target = primary.url
         phases = load.phases(scale, variant.spike_factor)
+        shape = ", ".join(f"{p.name} {p.duration:g} s at {p.rate:g}/s" for p in phases)
         say(f"{variant.title}: {sum(round(p.duration * p.rate) for p in phases)} requests expected over "
-            f"{sum(p.duration for p in phases):.0f} s ({', '.join(f'{p.name} {p.duration:g} s at {p.rate:g}/s' for p in phases)})")
+            f"{sum(p.duration for p in phases):.0f} s ({shape})")
         t0 = time.time()
         records = asyncio.run(_drive(phases, f"{target}/v1", seed, load.max_tokens, proxy, primary, t0,
                                      say if not terminal else None))

@@ -31,7 +31,7 @@ import openai
 DEFAULT_MODEL = "DeepSeek-R1-Distill-Qwen-7B"
 UPSTREAM_HEADER = "x-llm-ha-upstream"
 ATTEMPTS_HEADER = "x-llm-ha-attempts"
-PROMPT_WORDS = "the quick brown fox jumps over the lazy dog while the gateway keeps the service alive".split()
+PROMPT_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "gateway", "keeps", "the", "service", "alive"]  # noqa: E501
 
 
 @dataclass(frozen=True)

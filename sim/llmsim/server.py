@@ -130,10 +130,7 @@ from llmha.proxy.httpserver import HttpServer, Request, Responder
 LOG = logging.getLogger("llmsim")
 HOST = "127.0.0.1"
 
-WORDS = (
-    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut "
-    "labore et dolore magna aliqua"
-).split()
+WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua"]  # noqa: E501
 WORD_SET = frozenset(WORDS)
 
 SLOW_START_MAX_DELAY = 1.0  # s added to the first token at the very start of a slow_start window

@@ -29,14 +29,14 @@ from ..core.splice import plan_resume
 from ..core.status import build_status, is_loopback
 from ..core.types import AttemptRecord, NodeId, Outcome, describe_attempt
 from ..proxy.gate import Gate, LlmRequest, OpenStream
-from ..proxy.upstream import UpstreamClient
 from ..proxy.handoff import HandoffServer, Relay, Resumer
 from ..proxy.modes import mode_url
+from ..proxy.upstream import UpstreamClient
+from ..tasks import background
 from .eventlog import EventLog
 
 logger = logging.getLogger("llm_ha")
 
-_retiring: set[asyncio.Task] = set()  # module-level: outlives the addon object on script reload
 TICK_S = 0.25
 
 
@@ -292,7 +292,7 @@ class RuntimeLoader:
                            f"node health starts afresh")
         if self._running:
             self._adjust_mitmproxy_options()
-            asyncio.ensure_future(runtime.ensure_started())
+            background(runtime.ensure_started())
 
     def _refuse(self, message: str) -> None:
         if self._running:
@@ -303,9 +303,7 @@ class RuntimeLoader:
     def _replace_runtime(self, runtime: Runtime | None) -> None:
         old, self.runtime = self.runtime, runtime
         if old and old.started:
-            task = asyncio.ensure_future(old.retire())
-            _retiring.add(task)  # asyncio keeps only weak references to tasks
-            task.add_done_callback(_retiring.discard)
+            background(old.retire())
 
     def _say_inert(self) -> None:
         if not self._said_inert:

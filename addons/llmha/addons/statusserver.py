@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from mitmproxy import ctx, exceptions
 
 from ..core.status import is_loopback, parse_listen_address
+from ..tasks import background
 from .runtime import RuntimeLoader
 
 logger = logging.getLogger("llm_ha")
@@ -36,7 +36,7 @@ class StatusAddon:
                 logger.error(f"llm-ha: {e}")
                 return
         if self._running:
-            asyncio.ensure_future(self._restart())
+            background(self._restart())
 
     async def running(self) -> None:
         self._running = True
@@ -44,7 +44,7 @@ class StatusAddon:
 
     def done(self) -> None:
         if self.server:
-            asyncio.ensure_future(self.server.stop())
+            background(self.server.stop())
             self.server = None
 
     async def _restart(self) -> None:

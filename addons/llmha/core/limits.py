@@ -19,8 +19,9 @@ respects the first-byte timeout:
     limit    = 0.8 * limit + 0.2 * (limit * gradient + headroom)     (clamped to [min, max])
 
 with headroom = sqrt(limit) under the target (gradient 1), else 0: while TTFB stays under the target
-the limit grows by sqrt(limit)/5 per sample; above it, it shrinks by up to a tenth per sample. Only streamed first tokens are samples (a non-streamed answer's
-first byte comes when it is complete, and a fast `GET /v1/models` would make the minimum meaningless);
+the limit grows by sqrt(limit)/5 per sample; above it, it shrinks by up to a tenth per sample. Only
+streamed first tokens are samples (a non-streamed answer's first byte comes when it is complete, and
+a fast `GET /v1/models` would make the minimum meaningless);
 a timeout counts as a sample at the timeout, and other failures halve the gradient. Samples taken
 while fewer than half the limit were in flight do not grow it: an idle node proves nothing about its
 capacity. The limit starts at `min_inflight`, as TCP does; `ttfb_min` is re-learned every

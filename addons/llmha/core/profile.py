@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -253,9 +253,9 @@ class _Reader:
         nodes = section["nodes"]
         if not isinstance(nodes, list) or not nodes:
             raise self.fail(f"{key}.nodes", "needs a list of base URLs, e.g. [\"http://127.0.0.1:8001\"]")
-        urls = []
+        urls: list[str] = []
         for i, node in enumerate(nodes):
-            url = self.expand(node, f"{key}.nodes[{i}]").rstrip("/") if isinstance(node, str) else None
+            url = self.expand(node, f"{key}.nodes[{i}]").rstrip("/") if isinstance(node, str) else ""
             parts = urlsplit(url) if url else None
             if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
                 raise self.fail(f"{key}.nodes[{i}]", f"needs an http:// or https:// base URL, got {node!r}")
@@ -295,9 +295,9 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise self.fail("shared_state", f"needs a URL such as redis://HOST:PORT/DB, got {type(value).__name__}")
         url = self.expand(value.strip(), "shared_state")
-        parts = urlsplit(url)
+        parts: SplitResult | None = urlsplit(url)
         try:
-            parts.port  # noqa: B018 - raises on a bad port
+            urlsplit(url).port  # noqa: B018 - raises on a bad port
         except ValueError:
             parts = None
         where = parts and (parts.path if parts.scheme == "unix" else parts.hostname)

@@ -31,15 +31,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-
 from ..core.assemble import CompletionAssembler
 from ..core.candidates import Candidate
 from ..core.nodes import Lease, Leases
 from ..core.profile import Upstream
 from ..core.splice import Answer, StreamProtocol, protocol_for
 from ..core.sse import error_in, event_data, split_events
-from .upstream import ConnectFailed, Headers, UpstreamClient, UpstreamResponse
 from ..core.types import AttemptRecord, Outcome, describe_attempt, status_outcome
+from .upstream import ConnectFailed, Headers, UpstreamClient, UpstreamResponse
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
               "te", "trailer", "trailers", "transfer-encoding", "upgrade"}

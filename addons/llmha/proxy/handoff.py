@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from ..core.splice import Answer, Splicer, StreamFollower, error_event, splice_comment
 from ..core.types import Outcome
+from ..tasks import background
 from .gate import OpenStream
 from .httpserver import HttpServer, Request, Responder
 
@@ -93,7 +94,6 @@ class HandoffServer:
         self.claim_timeout = claim_timeout
         self._pending: dict[str, _Pending] = {}
         self._server = HttpServer(self._serve)
-        self._expiries: set[asyncio.Task] = set()
         self.active = 0  # streams being pumped to mitmproxy
 
     async def start(self) -> None:
@@ -128,9 +128,7 @@ class HandoffServer:
             self._spawn_expiry(token)
 
     def _spawn_expiry(self, token: str) -> None:
-        task = asyncio.ensure_future(self._expire(token))
-        self._expiries.add(task)  # asyncio keeps only weak references to tasks
-        task.add_done_callback(self._expiries.discard)
+        background(self._expire(token))
 
     @property
     def pending(self) -> int:
