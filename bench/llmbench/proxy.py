@@ -25,8 +25,25 @@ from pathlib import Path
 
 from llmsim.control import free_port, poll_until, terminate
 
-REPO = Path(__file__).resolve().parents[2]
-ADDON = REPO / "addons" / "llm_ha.py"
+
+def _checkout_or_cwd() -> Path:
+    """The git checkout this file is in; installed from a wheel, the current directory."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "addons" / "llm_ha.py").exists() else Path.cwd()
+
+
+def _addon_script() -> Path:
+    """The checkout's entry script, else the one shipped in the installed package (`llm-ha script-path`)."""
+    script = Path(__file__).resolve().parents[2] / "addons" / "llm_ha.py"
+    if script.exists():
+        return script
+    import llmha
+
+    return Path(llmha.__file__).resolve().parent / "scripts" / "llm_ha.py"
+
+
+REPO = _checkout_or_cwd()
+ADDON = _addon_script()
 STARTUP_TIMEOUT = 30.0
 
 
