@@ -79,6 +79,10 @@ NODE_COUNTERS = {  # metric (exposed with `_total`) -> (help, status key)
     "llm_ha_node_failures": ("Failed upstream attempts", "failures"),
     "llm_ha_node_ejections": ("Ejections so far", "ejections"),
     "llm_ha_node_shed": ("Requests sent elsewhere because the node was at its concurrency limit", "shed"),
+    "llm_ha_node_stream_breaks": ("Streams that broke after their first token (cut, stalled, in-band error, "
+                                  "no end)", "breaks"),
+    "llm_ha_node_stream_stalls": ("Streams silent for stream_idle_timeout after their first token", "stalls"),
+    "llm_ha_node_resumes": ("Answers broken on another node that this node continued", "resumes"),
 }
 
 
