@@ -377,7 +377,8 @@ def _fmt(value, spec: str = "g", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-SHORT = {"direct": "direct", "llm-ha": "llm-ha", "llm-ha-limits": "llm-ha+limits", "mitmdump": "mitmdump",
+SHORT = {"direct": "direct", "llm-ha": "llm-ha", "llm-ha-limits": "llm-ha+limits", "llm-ha-resume": "llm-ha+resume",
+         "mitmdump": "mitmdump",
          "nginx": "nginx 200ms", "nginx-1s": "nginx 1s", "litellm": "LiteLLM"}
 SCENARIO_TITLES = {"spike": "default spike", "primary-dies": "primary dies", "overhead": "healthy, no spike"}
 

@@ -54,11 +54,12 @@ from llmsim.control import free_port
 from .proxy import REPO, start_mitmdump
 from .scenario import REFERENCE, VARIANTS, Reference, profile_text
 
-PEERS = ("llm-ha", "llm-ha-limits", "mitmdump", "nginx", "nginx-1s", "litellm")
+PEERS = ("llm-ha", "llm-ha-limits", "llm-ha-resume", "mitmdump", "nginx", "nginx-1s", "litellm")
 TITLES = {
     "direct": "direct (no gateway)",
     "llm-ha": "llm-ha (reference profile)",
     "llm-ha-limits": "llm-ha + limits",
+    "llm-ha-resume": "llm-ha + resume",
     "mitmdump": "mitmdump, no addon",
     "nginx": "nginx (read timeout 200 ms)",
     "nginx-1s": "nginx (read timeout 1 s)",
@@ -378,7 +379,7 @@ class MitmPeer(Peer):
 
     def __init__(self, primary_url: str, fallback_url: str, settings: Settings, workdir: Path,
                  variant: str | None, events: bool = True, confdir: str | os.PathLike | None = None) -> None:
-        self.name = {None: "mitmdump", "llm-ha": "llm-ha", "limits": "llm-ha-limits"}[variant]
+        self.name = {None: "mitmdump", "llm-ha": "llm-ha", "limits": "llm-ha-limits", "resume": "llm-ha-resume"}[variant]
         addon = variant is not None
         profile = None
         self.events_path = workdir / f"{self.name}-events.jsonl" if addon and events else None
@@ -513,8 +514,8 @@ def start_peer(name: str, primary_url: str, fallback_url: str, settings: Setting
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "direct":
         return DirectPeer(primary_url)
-    if name in ("llm-ha", "llm-ha-limits", "mitmdump"):
-        variant = {"llm-ha": "llm-ha", "llm-ha-limits": "limits", "mitmdump": None}[name]
+    if name in ("llm-ha", "llm-ha-limits", "llm-ha-resume", "mitmdump"):
+        variant = {"llm-ha": "llm-ha", "llm-ha-limits": "limits", "llm-ha-resume": "resume", "mitmdump": None}[name]
         return MitmPeer(primary_url, fallback_url, settings, workdir, variant, confdir=confdir)
     if name in ("nginx", "nginx-1s"):
         return NginxPeer(primary_url, fallback_url, settings, workdir, install, practical=name == "nginx-1s")

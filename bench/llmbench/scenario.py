@@ -137,6 +137,7 @@ class Variant:
     limits: bool = False
     adaptive: bool = True  # with limits: the adaptive limit (else a fixed cap of max_inflight)
     spike_factor: float = 1.0  # multiplies the spike's rate
+    resume: str = "off"  # the fallback's `resume`: may it continue a stream broken on the primary
 
 
 VARIANTS = {v.name: v for v in (
@@ -149,6 +150,8 @@ VARIANTS = {v.name: v for v in (
             limits=True, spike_factor=2.0),
     Variant("fixed-cap", "llm-ha + a fixed cap of 16 in flight (not adaptive)", "llm-ha + fixed cap 16",
             limits=True, adaptive=False),
+    Variant("resume", "llm-ha + streams broken on the primary continued on the fallback", "llm-ha + resume",
+            resume="prefill"),
 )}
 
 
@@ -225,6 +228,7 @@ def profile_text(variant: Variant, scale: float, fallback_url: str, reference: R
         f"  - name: fallback\n"
         f"    nodes: [\"{fallback_url}\"]\n"
         f"    first_byte_timeout: {d(r.fallback_first_byte_timeout):<8}# {r.fallback_first_byte_timeout:g} s x {s:g}\n"
+        + (f"    resume: {variant.resume}\n" if variant.resume != "off" else "")
     )
 
 

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import openai
 
+from .server import expected_answer
+
 DEFAULT_MODEL = "DeepSeek-R1-Distill-Qwen-7B"
 UPSTREAM_HEADER = "x-llm-ha-upstream"
 ATTEMPTS_HEADER = "x-llm-ha-attempts"
@@ -90,13 +92,14 @@ class Record:
     start: float
     ttft: float | None = None
     end: float | None = None
-    outcome: str = "pending"  # "ok", "incomplete" (no finish_reason), or ErrorClass[:status]
+    outcome: str = "pending"  # "ok", "incomplete" (no finish_reason, or not the whole answer), or ErrorClass[:status]
     status: int | None = None
     upstream: str | None = None  # the x-llm-ha-upstream header, else the model named in the chunks
     model: str | None = None
     chunks: int = 0
     attempts: int | None = None
     error: str | None = None
+    complete: bool | None = None  # the content is exactly the simulators' answer to the request
 
     @property
     def ok(self) -> bool:
@@ -112,19 +115,22 @@ async def send_one(client: openai.AsyncOpenAI, record: Record, model: str, max_t
     """Stream one chat completion into `record`; never raises for what the server or network does."""
     record.start = time.time()
     finish_reason = None
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    content = []
     try:
-        async with client.chat.completions.with_streaming_response.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
-        ) as response:
+        async with client.chat.completions.with_streaming_response.create(stream=True, **body) as response:
             _note_response(record, response.status_code, response.headers)
             async for chunk in await response.parse():
                 record.chunks += 1
                 record.model = chunk.model or record.model
                 choice = chunk.choices[0] if chunk.choices else None
-                if choice and choice.delta and choice.delta.content and record.ttft is None:
-                    record.ttft = time.time() - record.start
+                if choice and choice.delta and choice.delta.content:
+                    content.append(choice.delta.content)
+                    if record.ttft is None:
+                        record.ttft = time.time() - record.start
                 finish_reason = (choice and choice.finish_reason) or finish_reason
-        record.outcome = "ok" if finish_reason else "incomplete"
+        record.complete = "".join(content) == expected_answer(body)
+        record.outcome = "ok" if finish_reason and record.complete else "incomplete"
     except openai.APIStatusError as exc:
         _note_response(record, exc.status_code, exc.response.headers)
         record.outcome = f"{type(exc).__name__}:{exc.status_code}"
