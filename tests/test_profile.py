@@ -39,7 +39,7 @@ def test_minimal_profile_gets_the_reference_defaults(tmp_path):
     hc = profile.health_check
     assert (hc.failure_rate_threshold, hc.interval, hc.base_ejection_time, hc.max_ejection_time) == (50, 1, 30, 300)
     assert hc.min_requests == 1 and hc.k_decay_period == 30
-    assert profile.match == "~u /v1/"
+    assert profile.match == '~u "/v1/|/api/(chat|generate|embed)"'
     assert profile.upstreams[0].first_byte_timeout == 0.2
     assert profile.upstreams[0].request_timeout == 600
     assert profile.transparent_failover is True

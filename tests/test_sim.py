@@ -90,7 +90,8 @@ def test_streaming_answer_names_the_served_model(ideal):
     assert chunks[5]["choices"][0]["finish_reason"] == "length"
     assert chunks[6]["choices"] == [] and chunks[6]["usage"]["completion_tokens"] == 5
     last = ideal.stats()["last_request"]
-    assert last == {"method": "POST", "path": CHAT, "model": "asked-model", "authorization": "Bearer sk-test"}
+    assert last == {"method": "POST", "path": CHAT, "model": "asked-model", "authorization": "Bearer sk-test",
+                    "x-api-key": None}
 
 
 def test_non_streaming_answer_and_models(ideal):

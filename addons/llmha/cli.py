@@ -133,7 +133,10 @@ def _describe_upstream(upstream: Upstream) -> str:
     if upstream.model:
         details.append(f"model rewritten to {upstream.model!r}")
     if upstream.api_key:
-        details.append("its own API key")  # never the key itself
+        auth = getattr(upstream, "auth", "bearer")
+        details.append("its own API key" + ("" if auth == "bearer" else f" sent as {auth}"))  # never the key itself
+    if (protocols := getattr(upstream, "protocols", ("openai",))) != ("openai",):
+        details.append(f"speaks {', '.join(protocols)}")
     if upstream.max_inflight is not None:
         limit = f"at most {upstream.max_inflight} in flight per node"
         if upstream.adaptive:

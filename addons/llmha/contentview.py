@@ -4,6 +4,8 @@ For a streamed answer (`text/event-stream` of `chat.completion.chunk` events) it
 message put back together (content, and `reasoning_content` when the model sends it), the model, the
 finish reason, the usage, the number of chunks, the time to the first chunk, and llm-ha's attempt
 summary and attempts, as a table. A plain `chat.completion` JSON answer gets the same, without chunks.
+Anthropic Messages and OpenAI Responses streams, and Ollama's newline-delimited JSON streams, are
+assembled the same way, by the protocol that follows them through llm-ha (`core/splice.py`).
 
 For a flow that went through llm-ha, the first chunk line gives both what the client waited (from its
 request to the answering attempt's first byte, failed attempts included) and what the answering
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
+from .core.splice import PROTOCOLS, Answer, StreamProtocol, protocol_for
 from .core.sse import error_in, iter_data
 from .core.types import META_KEY
 
@@ -43,8 +46,9 @@ class Completion:
     choices: dict[int, Choice] = field(default_factory=dict)
     usage: dict | None = None
     chunks: int = 0
-    done: bool = False  # the stream ended with `data: [DONE]`
+    done: bool = False  # the stream ended with `data: [DONE]` (its protocol's end)
     errors: list[str] = field(default_factory=list)
+    end: str = "[DONE]"  # what the protocol's end is called
 
     def choice(self, index: int) -> Choice:
         return self.choices.setdefault(index, Choice())
@@ -69,6 +73,51 @@ def assemble_stream(body: bytes) -> Completion:
             completion.chunks += 1
             _add_chunk(completion, chunk)
     return completion
+
+
+def assemble_protocol(body: bytes, protocol: StreamProtocol) -> Completion:
+    """Assemble a stream of another API (Anthropic Messages, Responses, Ollama) as its protocol follows it."""
+    answer = Answer()
+    errors = []
+    start = 0
+    for match in [*protocol.boundary.finditer(body), None]:
+        end = match.start() if match else len(body)
+        data = protocol.data_of(body[start:end])
+        start = match.end() if match else len(body)
+        if data is None:
+            continue
+        protocol.follow(answer, data)
+        answer.events += 1
+        if answer.error is not None:
+            errors.append(str(answer.error.get("message", answer.error)))
+            answer.error = None
+    choice = Choice(answer.text, answer.reasoning, answer.finish_reason)
+    return Completion(model=answer.model, choices={0: choice}, usage=answer.usage, chunks=answer.events,
+                      done=answer.done, errors=errors, end=_END_NAMES.get(protocol.name, "its end"))
+
+
+_END_NAMES = {"anthropic": "message_stop", "responses": "response.completed", "ollama": '"done": true'}
+
+
+def other_protocol(metadata: Metadata, data: bytes) -> StreamProtocol | None:
+    """The protocol of a stream of Anthropic Messages, Responses or Ollama, by the flow's request or the data."""
+    flow = metadata.flow
+    if isinstance(flow, http.HTTPFlow):
+        try:
+            payload = json.loads(flow.request.content or b"{}")
+        except ValueError:
+            payload = {}
+        protocol = protocol_for(flow.request.path, payload if isinstance(payload, dict) else {})
+        if protocol is not None:
+            return protocol if protocol.api != "openai" else None
+    head = data[:4096]
+    if b"event: message_start" in head:
+        return PROTOCOLS["anthropic"]
+    if b"event: response.created" in head:
+        return PROTOCOLS["responses"]
+    if metadata.content_type == "application/x-ndjson" and b'"done":' in head:
+        return PROTOCOLS["ollama"]
+    return None
 
 
 def _add_chunk(completion: Completion, chunk: dict) -> None:
@@ -168,6 +217,9 @@ class LlmStreamContentview(Contentview):
     syntax_highlight = "none"
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
+        other = other_protocol(metadata, data) if _is_stream(metadata) else None
+        if other is not None:
+            return render(assemble_protocol(data, other), metadata.flow, streamed=True)
         streamed = _is_event_stream(metadata) or data.lstrip().startswith(b"data:")
         completion = assemble_stream(data) if streamed else assemble_json(data)
         return render(completion, metadata.flow, streamed)
@@ -175,6 +227,8 @@ class LlmStreamContentview(Contentview):
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         if not data or not isinstance(metadata.http_message, http.Response):
             return -1
+        if _is_stream(metadata) and other_protocol(metadata, data) is not None:
+            return SSE_PRIORITY
         if _is_event_stream(metadata) and (b"chat.completion.chunk" in data[:4096] or _is_chat_path(metadata)):
             return SSE_PRIORITY
         if metadata.content_type == "application/json" and b'"chat.completion"' in data:
@@ -188,7 +242,7 @@ def render(completion: Completion, flow, streamed: bool) -> str:
     lines.append(f"finish reason: {finish}")
     lines.append(f"usage:         {_usage_text(completion.usage)}")
     if streamed:
-        ending = "" if completion.done else " (no [DONE]: the stream ended early)"
+        ending = "" if completion.done else f" (no {completion.end}: the stream ended early)"
         lines.append(f"chunks:        {completion.chunks}{ending}")
     first = first_chunk_text(flow)
     if first:
@@ -223,6 +277,10 @@ def _usage_text(usage: dict | None) -> str:
 
 def _is_event_stream(metadata: Metadata) -> bool:
     return metadata.content_type == "text/event-stream"
+
+
+def _is_stream(metadata: Metadata) -> bool:
+    return metadata.content_type in ("text/event-stream", "application/x-ndjson")
 
 
 def _is_chat_path(metadata: Metadata) -> bool:

@@ -54,8 +54,17 @@ def build_panel(status: dict, *, source: str = "") -> RenderableType:
         _node_table(upstreams, profile),
         _events(status.get("events") or []),
     )
-    subtitle = " · ".join(part for part in (_clock(status.get("now")), source) if part)
+    subtitle = " · ".join(part for part in (*_instance(status), _clock(status.get("now")), source) if part)
     return _framed(body, subtitle, "blue")
+
+
+def _instance(status: dict) -> list[str]:
+    """Which instance this is and, with shared state, how it stands with the others."""
+    parts = [f"instance {status['instance']}"] if status.get("instance") else []
+    shared = status.get("shared_state")
+    if shared:
+        parts.append(f"shared state {shared.get('state')} ({len(shared.get('instances') or [])} live)")
+    return parts
 
 
 def build_unreachable_panel(
@@ -265,7 +274,7 @@ def _node_cells(node: dict, threshold: float | None, timeout: float | None) -> l
         _number(node.get("ejections")),
         _failure_cell(node.get("failure_rate"), threshold),
         _rate(node.get("requests_per_s")),
-        _inflight_cell(node.get("inflight"), node.get("limit")),
+        _inflight_cell(node.get("inflight"), node.get("limit"), (node.get("cluster") or {}).get("inflight")),
         _shed_cell(node.get("shed")),
         _ttfb_cell(node.get("ttfb_p50_ms"), node.get("ttfb_p95_ms"), timeout),
         Sparkline(node.get("ttfb_history_ms") or [], timeout),
@@ -305,12 +314,15 @@ def _failure_cell(rate: float | None, threshold: float | None) -> Text:
     return Text(label, style=style)
 
 
-def _inflight_cell(inflight: int | None, limit: int | None) -> Text:
+def _inflight_cell(inflight: int | None, limit: int | None, cluster: int | None = None) -> Text:
+    """`here/limit`; with shared state `here/cluster/limit` (the limit bounds the cluster's)."""
     if inflight is None:
         return Text(MISSING, style="dim")
+    counts = [inflight] if cluster is None else [inflight, cluster]
     if limit is None:
-        return Text(str(inflight))
-    return Text(f"{inflight}/{limit}", style="yellow" if inflight >= limit else "")
+        return Text("/".join(map(str, counts)))
+    busy = max(counts) >= limit
+    return Text("/".join(map(str, [*counts, limit])), style="yellow" if busy else "")
 
 
 def _shed_cell(shed: int | None) -> Text:

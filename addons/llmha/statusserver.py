@@ -67,8 +67,15 @@ NODE_GAUGES: dict[str, tuple[str, Callable[[dict], float | None]]] = {
     "llm_ha_node_failure_ratio": ("Failed / finished attempts over the last full health-check interval (0..1)",
                                   lambda n: n["failure_rate"] / 100),
     "llm_ha_node_inflight": ("Attempts in flight", lambda n: n["inflight"]),
+    "llm_ha_node_not_before_seconds": ("Seconds until the node may be tried again, as its Retry-After asked",
+                                       lambda n: n.get("not_before_s")),
     "llm_ha_node_inflight_limit": ("Attempts the node may have in flight now (absent: unlimited)",
                                    lambda n: n.get("limit")),
+    "llm_ha_node_cluster_inflight": ("With shared state: attempts in flight on the node across every instance",
+                                     lambda n: (n.get("cluster") or {}).get("inflight")),
+    "llm_ha_node_cluster_failure_ratio": ("With shared state: the last judged interval's failure ratio across every "
+                                          "instance (0..1)",
+                                          lambda n: None if not n.get("cluster") else n["cluster"]["failure_rate"] / 100),
     "llm_ha_node_ttfb_p50_seconds": ("Median time to first byte over the last minute",
                                      lambda n: _seconds(n["ttfb_p50_ms"])),
     "llm_ha_node_ttfb_p95_seconds": ("95th percentile time to first byte over the last minute",
@@ -83,6 +90,8 @@ NODE_COUNTERS = {  # metric (exposed with `_total`) -> (help, status key)
                                   "no end)", "breaks"),
     "llm_ha_node_stream_stalls": ("Streams silent for stream_idle_timeout after their first token", "stalls"),
     "llm_ha_node_resumes": ("Answers broken on another node that this node continued", "resumes"),
+    "llm_ha_node_probes": ("Active probes of the node while it was ejected", "probes"),
+    "llm_ha_node_probe_failures": ("Active probes of the node that failed", "probe_failures"),
 }
 
 
@@ -110,16 +119,24 @@ def _profile_settings(status: dict) -> Iterator[GaugeMetricFamily]:
     yield from (threshold, base, timeout)
 
 
-def _upstream_metrics(status: dict) -> Iterator[GaugeMetricFamily]:
+def _upstream_metrics(status: dict) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     nodes = GaugeMetricFamily("llm_ha_upstream_nodes", "Nodes of the upstream (role: primary or fallback)",
                               labels=UPSTREAM_LABELS)
     available = GaugeMetricFamily("llm_ha_upstream_nodes_available", "Nodes of the upstream not ejected",
                                   labels=UPSTREAM_LABELS)
+    retries = CounterMetricFamily("llm_ha_upstream_retries", "Attempts on the upstream past a request's first one",
+                                  labels=UPSTREAM_LABELS)
+    denied = CounterMetricFamily("llm_ha_upstream_retries_denied",
+                                 "Retries the upstream's retry budget refused (the request moved on)",
+                                 labels=UPSTREAM_LABELS)
     for index, upstream in enumerate(status["upstreams"]):
         labels = [upstream["name"], "primary" if index == 0 else "fallback"]
         nodes.add_metric(labels, len(upstream["nodes"]))
         available.add_metric(labels, sum(n["state"] != "ejected" for n in upstream["nodes"]))
-    yield from (nodes, available)
+        budget = upstream.get("retry_budget") or {}
+        retries.add_metric(labels, budget.get("retries", 0))
+        denied.add_metric(labels, budget.get("retries_denied", 0))
+    yield from (nodes, available, retries, denied)
 
 
 def _node_metrics(status: dict) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

@@ -4,6 +4,11 @@ Run `python -m llmsim.server --help`. It serves `POST /v1/chat/completions` and 
 `POST /v1/completions` (streaming and not) and `GET /v1/models` on 127.0.0.1, prints one JSON line
 with its URLs on stdout, and serves its control endpoints (`GET /_sim/stats`, `GET|POST /_sim/faults`,
 `POST /_sim/crash`) on a second port, which stays reachable while the API port refuses connections.
+It also speaks Anthropic Messages (`POST /v1/messages`), OpenAI Responses (`POST /v1/responses`),
+Ollama's native API (`POST /api/chat`, `/api/generate`, newline-delimited JSON) and `POST
+/v1/embeddings`, each on its own wire (`wires.py`: field names, event order, the opening events sent
+before the first token, in-band errors, error bodies), with the same answers, physics and fault
+switches.
 
 The answers
 -----------
@@ -75,7 +80,9 @@ fault switches (see below): with 0.1 a 180 s restart takes 18 s.
 Fault switches (command line flags, or `POST /_sim/faults` with a JSON object of the same names)
 --------------------------------------------------------------------------------------------------
 * `error_rate`: the fraction of API requests answered 500.
-* `status`: answer every API request with this HTTP status and an OpenAI-style error (0 or null: off).
+* `status`: answer every API request with this HTTP status and an OpenAI-style error (0 or null: off);
+  `status_code` sets that error's `code` (e.g. `context_length_exceeded`), `retry_after` adds a
+  `Retry-After: <seconds>` header to it.
 * `in_band_error`: streaming requests get a 200 whose first SSE event is `data: {"error": {...}}`;
   non-streaming ones a 200 whose body is that error object.
 * `first_token_delay`: seconds a request waits before it joins the queue, on top of the physics.
@@ -126,6 +133,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from llmha.proxy.httpserver import HttpServer, Request, Responder
+from llmsim.wires import EMBEDDINGS_PATH, WIRE_PATHS, Wire, WireError, embeddings, wire_for
 
 LOG = logging.getLogger("llmsim")
 HOST = "127.0.0.1"
@@ -196,6 +204,8 @@ class Faults:
     stall_keepalive: bool = False
     no_done: bool | int = False
     prefill: str = "any"
+    retry_after: float | None = None  # seconds, sent as `Retry-After` with the `status` fault's answers
+    status_code: str | None = None  # the error `code` of the `status` fault's answers (e.g. context_length_exceeded)
 
     def updated(self, changes: dict[str, Any]) -> Faults:
         """A copy with `changes` applied; ValueError names the first bad key or value."""
@@ -230,6 +240,10 @@ class Faults:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.no_done, bool) and not _count(self.no_done):
             raise ValueError(f"no_done must be true, false or an integer >= 0, got {self.no_done!r}")
+        if self.retry_after is not None:
+            number("retry_after", self.retry_after, 0.0)
+        if self.status_code is not None and not isinstance(self.status_code, str):
+            raise ValueError(f"status_code must be a string or null, got {self.status_code!r}")
         if self.prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
 
@@ -401,7 +415,8 @@ class Stats:
     prefill_mismatches: int = 0
     prefill_refused: int = 0
     ended_without_done: int = 0
-    last_request: dict = field(default_factory=lambda: dict.fromkeys(("method", "path", "model", "authorization")))
+    last_request: dict = field(default_factory=lambda: dict.fromkeys(("method", "path", "model", "authorization",
+                                                                      "x-api-key")))
 
 
 class ApiError(Exception):
@@ -410,11 +425,17 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
-    def __init__(self, status: int, message: str, code: str | int | None = None, kind: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | int | None = None, kind: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or self.TYPES.get(status, "server_error")
         self.kind = kind or self.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[str, str]]:
+        extra = [] if self.retry_after is None else [("retry-after", f"{self.retry_after:g}")]
+        return [("content-type", "application/json"), *extra]
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": None, "code": self.code}}
@@ -579,6 +600,7 @@ class Generation:
     include_usage: bool
     prompt_tokens: int
     prefill: str | None = None  # "continued", or "mismatch": not a prefix of the answer, answered afresh
+    wire: Wire | None = None  # another API than OpenAI's (wires.py): how the answer looks on the wire
 
     def token(self, new_index: int) -> str:
         return self.answer.token(self.first + new_index)
@@ -807,10 +829,36 @@ class Simulator:
                 if not isinstance(body, dict):
                     raise ApiError(400, "the request body must be a JSON object", "invalid_json")
                 await self._generate(self._parse_generation(request.path, body), responder)
+            elif request.method == "POST" and request.path in WIRE_PATHS:
+                await self._generate_wire(request.path, body, responder)
+            elif request.method == "POST" and request.path == EMBEDDINGS_PATH:
+                await self._embeddings(body, responder)
             else:
                 raise ApiError(404, f"no route for {request.method} {request.path}", "not_found")
         except ApiError as exc:
-            await self._answer(responder, exc.status, exc.body())
+            wire = WIRE_PATHS.get(request.path)
+            body = exc.body() if wire is None else wire.error_body(exc.status, str(exc))
+            await self._answer(responder, exc.status, body, exc.headers())
+
+    async def _generate_wire(self, path: str, body: Any, responder: Responder) -> None:
+        """Anthropic Messages, Responses, Ollama: the same generation, on that API's wire (errors in its form:
+        `_handle_api`)."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        try:
+            wire, chat = wire_for(path, self.model, body)
+        except WireError as exc:
+            raise ApiError(400, str(exc), "invalid_request") from None
+        gen = self._parse_generation(CHAT_PATH, chat)
+        gen.wire = wire
+        await self._generate(gen, responder)
+
+    async def _embeddings(self, body: Any, responder: Responder) -> None:
+        try:
+            answer = embeddings(self.model, body if isinstance(body, dict) else {})
+        except WireError as exc:
+            raise ApiError(400, str(exc), "invalid_input") from None
+        await self._answer(responder, 200, answer)
 
     @staticmethod
     def _parse_body(request: Request) -> Any:
@@ -828,17 +876,20 @@ class Simulator:
             "path": request.path,
             "model": body.get("model") if isinstance(body, dict) else None,
             "authorization": request.header("authorization"),
+            "x-api-key": request.header("x-api-key"),
         }
 
     def _apply_status_faults(self) -> None:
         if self.faults.status is not None:
-            raise ApiError(self.faults.status, f"simulated status {self.faults.status}", "simulated_status")
+            raise ApiError(self.faults.status, f"simulated status {self.faults.status}",
+                           self.faults.status_code or "simulated_status", retry_after=self.faults.retry_after)
         if self.faults.error_rate and self.rng.random() < self.faults.error_rate:
             raise ApiError(500, "simulated internal server error", "simulated_error")
 
-    async def _answer(self, responder: Responder, status: int, obj: Any) -> None:
+    async def _answer(self, responder: Responder, status: int, obj: Any,
+                      headers: list[tuple[str, str]] | None = None) -> None:
         self.stats.by_status[str(status)] += 1
-        await responder.respond(status, json_bytes(obj), [("content-type", "application/json")])
+        await responder.respond(status, json_bytes(obj), headers or [("content-type", "application/json")])
 
     def _models(self) -> dict:
         return {"object": "list", "data": [
@@ -870,13 +921,18 @@ class Simulator:
         self.active.add(seq)
         watcher = asyncio.create_task(self._watch_client(seq, responder))
         try:
+            if gen.stream and gen.wire is not None:  # these APIs send their opening events before any token
+                await self._open_stream(responder, gen.wire.headers)
+                await responder.send(gen.wire.preamble(gen.prompt_tokens))
             if not await self._wait_before_queue(seq):
                 return
             if self.crashed:  # crashed during the wait; the listener is about to go
                 responder.abort()
                 return
             self.engine.submit(seq)  # may crash the server
-            if gen.stream:
+            if gen.stream and gen.wire is not None:
+                await self._stream_wire(seq, gen, gen.wire, responder)
+            elif gen.stream:
                 await self._stream(seq, gen, responder)
             else:
                 await self._complete(seq, gen, responder)
@@ -948,11 +1004,39 @@ class Simulator:
         seq.delivered = True
         self.stats.completed += 1
 
-    async def _open_stream(self, responder: Responder) -> None:
+    async def _stream_wire(self, seq: Sequence, gen: Generation, wire: Wire, responder: Responder) -> None:
+        """`_stream` for the other APIs: one event (or line) per token, then that API's ending events."""
+        sent, stalled = 0, False
+        while True:
+            item = await seq.tokens.get()
+            if item in (CANCELLED, CUT):
+                if item == CUT:
+                    responder.abort()
+                return
+            if self._reset_due(seq, sent, responder):
+                return
+            if not stalled and self.faults.stall_after_chunks == sent:
+                stalled = True
+                await self._stall(responder)
+            if item == DONE or self.faults.ends_without_done(sent, at_end=False):
+                break
+            await responder.send(wire.token(gen.token(item)))
+            sent += 1
+        if self.faults.ends_without_done(sent, at_end=True):
+            await responder.end()
+            seq.delivered = True
+            self.stats.ended_without_done += 1
+            return
+        await responder.send(wire.end(gen.finish_reason, gen.prompt_tokens, seq.generated))
+        await responder.end()
+        seq.delivered = True
+        self.stats.completed += 1
+
+    async def _open_stream(self, responder: Responder, headers: list[tuple[str, str]] = SSE_HEADERS) -> None:
         """The status line and headers, with the first thing the stream sends."""
         if not responder.started:
             self.stats.by_status["200"] += 1
-            await responder.start(200, SSE_HEADERS)
+            await responder.start(200, headers)
 
     async def _stall(self, responder: Responder) -> None:
         """stall_after_chunks: send nothing (or only keep-alive comments) for stall_seconds."""
@@ -1006,6 +1090,12 @@ class Simulator:
             self._reset(seq, responder)
         if item != DONE or responder.disconnected.is_set():
             return
+        if gen.wire is not None:
+            text = "".join(tokens)
+            await self._answer(responder, 200, gen.wire.whole(text, gen.finish_reason, gen.prompt_tokens, seq.generated))
+            seq.delivered = True
+            self.stats.completed += 1
+            return
         shape = gen.shape
         await self._answer(responder, 200, {
             "id": f"{shape.id_prefix}{next(self._completion_ids)}", "object": shape.whole_object,
@@ -1023,6 +1113,11 @@ class Simulator:
 
     async def _in_band_error(self, gen: Generation, responder: Responder) -> None:
         error = ApiError(500, "simulated in-band error", "simulated_in_band_error").body()
+        if gen.wire is not None and gen.stream:
+            await self._open_stream(responder, gen.wire.headers)
+            await responder.send(gen.wire.preamble(gen.prompt_tokens) + gen.wire.in_band_error("simulated in-band error"))
+            await responder.end()
+            return
         self.stats.by_status["200"] += 1
         if not gen.stream:
             await responder.respond(200, json_bytes(error), [("content-type", "application/json")])

@@ -75,7 +75,7 @@ class FlowGate:
         request = LlmRequest.parse_body(flow.request.method, flow.request.path, headers, flow.request.raw_content)
         result = GateResult()
         try:
-            finished = await self.client_watch.run(flow, runtime.gate.run(request, runtime.candidates(), result))
+            finished = await self.client_watch.run(flow, runtime.gate.run(request, runtime.candidates(request.api), result))
         except Exception:  # a bug of ours must not send the flow on unguarded: answer with an error
             logger.exception("llm-ha: the gate failed on this request")
             result = GateResult(answer=internal_error_answer())

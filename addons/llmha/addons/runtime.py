@@ -24,10 +24,11 @@ from mitmproxy.proxy import mode_specs
 from ..core.candidates import Candidate, CandidatePicker
 from ..core.health import HealthEvent
 from ..core.nodes import NodePool
-from ..core.profile import Profile, ProfileError, load_profile
+from ..core.profile import ProbeSettings, Profile, ProfileError, load_profile
+from ..core.retry import Probe, RetryDiscipline
 from ..core.splice import plan_resume
 from ..core.status import build_status, is_loopback
-from ..core.types import AttemptRecord, NodeId, Outcome, describe_attempt
+from ..core.types import AttemptRecord, NodeId, Outcome, describe_attempt, status_outcome
 from ..proxy.gate import Gate, LlmRequest, OpenStream
 from ..proxy.handoff import HandoffServer, Relay, Resumer
 from ..proxy.modes import mode_url
@@ -57,8 +58,10 @@ class Runtime:
         self.pool = self._node_pool()
         self.picker = CandidatePicker(profile)
         self.client = UpstreamClient(proxy=upstream_proxy)
+        self.retry = RetryDiscipline(profile)
         self.gate = Gate(self.pool, self.client, on_failover=self._on_failover,
-                         max_attempts=None if profile.transparent_failover else 1)
+                         max_attempts=None if profile.transparent_failover else 1, retry=self.retry)
+        self.prober = Prober(self.pool, self.client, profile.probe, self.events)
         self.handoff = HandoffServer()
         self._started: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
@@ -94,13 +97,20 @@ class Runtime:
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        self.prober.stop()
         if self.shared:
             await self.shared.stop()
         await self.handoff.stop()
         await self.client.aclose()
 
-    def candidates(self) -> list[Candidate]:
-        return self.picker.candidates(self.pool, time.time())
+    def candidates(self, api: str | None = None) -> list[Candidate]:
+        """The request's candidates; for a request speaking `api`, only upstreams whose `protocols` list it
+        (same-protocol failover). If none does, the primary, as if llm-ha did not know the API."""
+        candidates = self.picker.candidates(self.pool, time.time())
+        if api is None:
+            return candidates
+        speaking = [c for c in candidates if api in c.upstream.protocols]
+        return speaking or [c for c in candidates if c.is_primary] or candidates
 
     def selects(self, flow: http.HTTPFlow) -> bool:
         """An LLM flow: it matches the profile's `match`, and, if that is the default, goes to the primary.
@@ -127,9 +137,18 @@ class Runtime:
     def status(self) -> dict:
         status = {"instance": self.instance, **build_status(self.pool, self.events, time.time())}
         status["proxy"] = {"loop_lag_ms": round(max(self.loop_lags, default=0.0) * 1000, 1)}
+        self._add_retry_status(status)
         if self.shared:
             status["shared_state"] = self.shared.describe()
         return status
+
+    def _add_retry_status(self, status: dict) -> None:
+        """Each upstream's retry budget and each node's `Retry-After` wait, beside what the pool knows."""
+        now = time.time()
+        for upstream in status["upstreams"]:
+            upstream["retry_budget"] = self.retry.describe(upstream["name"], now)
+            for node in upstream["nodes"]:
+                node["not_before_s"] = round(self.retry.pacing.wait_s(NodeId(upstream["name"], node["url"]), now), 3)
 
     @property
     def shared(self):
@@ -142,7 +161,8 @@ class Runtime:
         async def resume(relay: Relay, broken: OpenStream, outcome: Outcome) -> OpenStream | None:
             answer = relay.follower.answer
             plan = plan_resume(relay.follower.protocol, answer, request.payload)
-            candidates = [c for c in self.candidates() if c.upstream.resume != "off" and c.node != broken.candidate.node]
+            candidates = [c for c in self.candidates(request.api)
+                          if c.upstream.resume != "off" and c.node != broken.candidate.node]
             if not plan.possible or not candidates:
                 relay.why_not_resumed = plan.reason or "no upstream may resume it (resume: off)"
                 return None
@@ -185,6 +205,7 @@ class Runtime:
             self.loop_lags.append(time.monotonic() - before - period)
             try:
                 self.pool.advance(time.time())  # ejections and returns happen on time, traffic or not
+                self.prober.tick(time.time())
             except Exception:  # never let bookkeeping kill the ticker
                 logger.exception("llm-ha: health tick failed")
 
@@ -194,6 +215,10 @@ class Runtime:
         if e["action"] == "eject":
             why = f"failure rate {e['failure_rate']:.0f}%" if e["failure_rate"] is not None else "by hand"
             logger.warning(f"llm-ha: ejected {where} for {e['duration_s']:g}s (k={e['k']}, {why})")
+        elif e["action"] == "uneject" and event.by == "probe":
+            logger.warning(f"llm-ha: {where} returns early: its probes passed (k={e['k']} ejection cut short)")
+        elif e["action"] == "hold":
+            logger.warning(f"llm-ha: {where} ejection over, but out until a probe passes (k={e['k']})")
         elif e["action"] == "uneject" and event.by:
             logger.warning(f"llm-ha: {where} restored by hand, its k={e['k']} ejection cut short")
         elif e["action"] == "uneject":
@@ -210,6 +235,74 @@ class Runtime:
                          "failure_rate": None, "reason": record.outcome, "attempt_s": record.duration_s,
                          "to_upstream": following.upstream.name, "to_node": following.node.url})
         logger.debug(f"llm-ha: {describe_attempt(record)}, trying {following.upstream.name} {following.node.url}")
+
+
+class Prober:
+    """Active probing of ejected nodes (`probe` in the profile); the detector decides what a result means.
+
+    A probe is the profile's request (default `GET /v1/models`) with the upstream's own api_key, never
+    a client's credentials; it passes on an answer other than 5xx or 429 within the probe's timeout.
+    Counted in `/status` and `/metrics`; a `probe` event is logged when a node's result changes (its
+    first probe, the first to pass, the first to fail again), not once a second per ejected node.
+    """
+
+    def __init__(self, pool: NodePool, client: UpstreamClient, settings: ProbeSettings, events: EventLog) -> None:
+        self.pool, self.client, self.settings, self.events = pool, client, settings, events
+        self._probes: dict[NodeId, Probe] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def tick(self, now: float) -> None:
+        if not self.settings.enabled:
+            return
+        for node in self.pool:
+            if node.monitor.ejected_until is None:
+                self._probes.pop(node.id, None)
+                continue
+            probe = self._probes.setdefault(node.id, Probe(next_at=now + min(self.settings.interval, 0.5)))
+            if probe.due(now):
+                probe.start()
+                task = asyncio.create_task(self._probe(node.id, probe))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _probe(self, node: NodeId, probe: Probe) -> None:
+        s = self.settings
+        upstream = self.pool[node].upstream
+        headers = [("accept-encoding", "identity")]
+        if s.body is not None:
+            headers.append(("content-type", "application/json"))
+        if upstream.api_key:
+            headers.append(("authorization", f"Bearer {upstream.api_key}"))
+        status: int | None = None
+        error = ""
+        try:
+            async with asyncio.timeout(s.timeout):
+                response = await self.client.send(s.method, node.url + s.path, headers, (s.body or "").encode())
+                try:
+                    status = response.status_code
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            error = "timeout"
+        except OSError as e:  # connection refused or reset (ConnectFailed included)
+            error = type(e).__name__
+        except Exception as e:  # a failed probe, never a probe that stops probing
+            logger.exception(f"llm-ha: probe of {node} failed")
+            error = type(e).__name__
+        # Judged as the gate judges a status: a 401 or 404 still shows a server that answers (a probe
+        # carries no client credentials, and /v1/models may want them), a 5xx or 429 does not.
+        passed = status is not None and not status_outcome(status).failed
+        now = time.time()
+        if probe.finish(passed, now, s.interval):
+            self.events.add({"ts": now, "action": "probe", "upstream": node.upstream, "node": node.url,
+                             "k": self.pool[node].monitor.k, "duration_s": None, "failure_rate": None,
+                             "passed": passed, "status": status, "error": error or None})
+        self.pool.probe_result(node, passed, now)
 
 
 def _addresses_the_proxy(flow: http.HTTPFlow) -> bool:

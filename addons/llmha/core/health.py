@@ -16,6 +16,10 @@ The rules, per node:
 - while in rotation, k shrinks by one for every `k_decay_after` (default: `base_ejection_time`) of
   continuous health, never below 1. A node stays "healthy" through intervals whose failure rate is
   below the threshold; its health clock restarts at each return and each decrease;
+- with active probing on (`probing`, set by the pool from the profile's `probe`), an ejection that
+  ends returns the node only if its last probe passed; otherwise the node is "held" out, k unchanged,
+  until a probe passes (`probe_result`). With `early_return_after` N > 0, N passes in a row end an
+  ejection before its time (a departure from the source document, off by default);
 - by hand (operator commands, events marked `by: "hand"`): `eject` as if the node had failed (k grows),
   `drain` for a given time leaving k as it is, `restore` ends an ejection, `reset` forgets everything.
 """
@@ -33,7 +37,7 @@ from .types import NodeId, Outcome
 @dataclass(frozen=True)
 class HealthEvent:
     ts: float
-    action: str  # eject | uneject | k_decrease | reset (failover events come from the gate)
+    action: str  # eject | uneject | hold | k_decrease | reset (failover and probe events come from elsewhere)
     upstream: str
     node: str
     k: int
@@ -81,9 +85,23 @@ class NodeMonitor:
         self.last_interval_requests = 0
         self.requests = 0
         self.failures = 0
+        self.probing = False  # an ejection's end waits for a passing probe
+        self.early_return_after = 0  # > 0: this many probe passes in a row end an ejection early
+        self.held = False  # the ejection's time is up, but no probe has passed since it began
+        self.probe_passes = 0  # probes passed in a row during this ejection
 
     def is_ejected(self, now: float) -> bool:
-        return self.ejected_until is not None and now < self.ejected_until
+        return self.held or (self.ejected_until is not None and now < self.ejected_until)
+
+    def probe_result(self, passed: bool, now: float) -> HealthEvent | None:
+        """A probe of this ejected node passed or failed: a held node, or (opted in) a passing one, returns."""
+        if self.ejected_until is None:
+            return None
+        self.probe_passes = self.probe_passes + 1 if passed else 0
+        early = 0 < self.early_return_after <= self.probe_passes
+        if passed and (self.held or early):
+            return self.uneject(now, by=None if self.held else "probe")
+        return None
 
     @property
     def k(self) -> int:
@@ -126,6 +144,7 @@ class NodeMonitor:
         self.next_k, self.ejection_k = state.next_k, state.ejection_k
         self.ejected_until, self.ejections, self.healthy_since = state.ejected_until, state.ejections, state.healthy_since
         self.ejection_failure_rate = state.ejection_failure_rate
+        self.held = False  # an ejection whose time is already up is held again by its timer, if probing
 
     def eject(self, now: float, failure_rate: float | None, by: str | None = None) -> HealthEvent:
         k = self.next_k
@@ -134,6 +153,7 @@ class NodeMonitor:
         self.ejected_until = now + duration
         self.ejection_failure_rate = failure_rate
         self.ejections += 1
+        self.probe_passes = 0
         if k * self.config.base_ejection_time < self.config.max_ejection_time:
             self.next_k = k + 1
         return self._event(now, "eject", k, duration, failure_rate, by)
@@ -145,10 +165,13 @@ class NodeMonitor:
             self.ejection_failure_rate = None
             self.ejections += 1
         self.ejected_until = now + duration
+        self.held = False
         return self._event(now, "eject", self.ejection_k, duration, None, "hand")
 
     def next_timer(self) -> float:
         """When this node next changes state by itself (return, or a k decrease); inf if never."""
+        if self.held:
+            return math.inf
         if self.ejected_until is not None:
             return self.ejected_until
         if self.next_k > 1:
@@ -156,6 +179,9 @@ class NodeMonitor:
         return math.inf
 
     def fire_timer(self, at: float) -> HealthEvent:
+        if self.ejected_until is not None and self.probing and self.probe_passes == 0:
+            self.held = True  # no probe has passed: out until one does, k as it is
+            return self._event(at, "hold", self.ejection_k)
         if self.ejected_until is not None:
             return self.uneject(at)
         self.next_k -= 1
@@ -167,6 +193,8 @@ class NodeMonitor:
         self.ejected_until = None
         self.ejection_k = 0
         self.ejection_failure_rate = None
+        self.held = False
+        self.probe_passes = 0
         self.healthy_since = at
         return self._event(at, "uneject", k, by=by)
 
@@ -239,6 +267,12 @@ class OutlierDetector:
         if event:
             self._report(event)
         return event
+
+    def probe_result(self, node: NodeId, passed: bool, now: float) -> None:
+        """An active probe of `node` passed or failed; may return it (see NodeMonitor.probe_result)."""
+        self.advance(now)
+        if event := self.monitors[node].probe_result(passed, now):
+            self._report(event)
 
     def apply(self, node: NodeId, state: EjectionState) -> None:
         """Take on `node`'s ejection state decided elsewhere, silently; its timers fire from here on."""

@@ -62,8 +62,13 @@ class Node:
         self.breaks = 0  # streams that broke after their first byte (stalls included)
         self.stalls = 0
         self.resumes = 0  # answers broken elsewhere that this node continued
+        self.probes = 0  # active probes of this node while ejected
+        self.half_open = False  # back after probing: one attempt at a time until one succeeds
+        self.probe_failures = 0
 
     def has_room(self, now: float) -> bool:
+        if self.half_open and self.inflight >= 1:
+            return False
         limit = self.limiter.limit(now)
         return limit is None or self.inflight < limit
 
@@ -71,6 +76,8 @@ class Node:
         """What the limiter and the latency statistics learn from one outcome (the detector is told apart)."""
         if ttfb_s is not None:
             self.latency.add(now, ttfb_s)
+        if outcome is Outcome.OK:
+            self.half_open = False
         load = max(self.inflight, self.cluster_inflight)
         self.limiter.observe(outcome, ttfb_s, self.upstream.first_byte_timeout, load, streamed)
 
@@ -83,7 +90,9 @@ class Node:
             "state": "ejected" if ejected else "healthy",
             "k": m.k,
             "ejections": m.ejections,
-            "ejected_remaining_s": round(m.ejected_until - now, 3) if ejected and m.ejected_until else 0.0,
+            "ejected_remaining_s": round(max(0.0, m.ejected_until - now), 3) if ejected and m.ejected_until else 0.0,
+            "awaiting_probe": m.held,
+            "half_open": self.half_open,
             "failure_rate": round(_shown_failure_rate(m, ejected), 2),
             "requests": m.requests,
             "inflight": self.inflight,
@@ -97,6 +106,8 @@ class Node:
             "breaks": self.breaks,
             "stalls": self.stalls,
             "resumes": self.resumes,
+            "probes": self.probes,
+            "probe_failures": self.probe_failures,
         }
 
 
@@ -118,6 +129,7 @@ class NodePool:
         self.detector = OutlierDetector(profile.health_check, ids, now, self._on_health_event)
         self.nodes: dict[NodeId, Node] = {
             i: Node(i, upstreams[i.upstream], self.detector.monitors[i]) for i in ids}
+        self._set_probing()
         self._awaiting_verdict: set[LocalLease] = set()  # leases whose attempt has not been judged yet
         self._next_overdue_check = now
 
@@ -178,16 +190,35 @@ class NodePool:
         self.detector.reset(now)
         for node in self:
             node.monitor = self.detector.monitors[node.id]
+        self._set_probing()
+
+    def _set_probing(self) -> None:
+        """With the profile's `probe` on, an ejection ends only once a probe of the node passes."""
+        for node in self:
+            node.monitor.probing = self.profile.probe.enabled
+            node.monitor.early_return_after = self.profile.probe.early_return_after
+
+    def probe_result(self, node: NodeId, passed: bool, now: float) -> None:
+        target = self.nodes[node]
+        target.probes += 1
+        target.probe_failures += not passed
+        self.detector.probe_result(node, passed, now)
 
     def snapshot(self, node: NodeId, now: float) -> dict:
         self.advance(now)
         return self.nodes[node].snapshot(now, self.profile.health_check.interval)
 
     def _on_health_event(self, event: HealthEvent) -> None:
-        if event.action == "uneject":
-            self.nodes[NodeId(event.upstream, event.node)].limiter.returned(event.ts)
+        self._node_follows(event)
         if self.listener:
             self.listener(event)
+
+    def _node_follows(self, event: HealthEvent) -> None:
+        """What the node itself takes from a health event: a return restarts its limit (slow start)."""
+        if event.action == "uneject":
+            node = self.nodes[NodeId(event.upstream, event.node)]
+            node.limiter.returned(event.ts)
+            node.half_open = self.profile.probe.enabled and event.by != "hand"
 
 
 class LocalLease:

@@ -7,6 +7,7 @@ one line naming the file, the key and the problem. Pure apart from reading the f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -17,7 +18,9 @@ from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
-DEFAULT_MATCH = "~u /v1/"
+from .splice import APIS
+
+DEFAULT_MATCH = '~u "/v1/|/api/(chat|generate|embed)"'  # OpenAI-style APIs and Ollama's native ones
 
 
 class ProfileError(ValueError):
@@ -41,6 +44,24 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class RetryBudgetSettings:
+    percent: float = 20.0  # retries on an upstream, as a percentage of its requests over the window
+    min_per_s: float = 1.0  # a floor of retries a second, so that a quiet upstream may still retry
+    window: float = 10.0
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    enabled: bool = True
+    method: str = "GET"
+    path: str = "/v1/models"
+    body: str | None = None
+    interval: float = 1.0
+    timeout: float = 2.0
+    early_return_after: int = 0  # > 0: this many passes in a row end an ejection early (off by default)
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     nodes: tuple[str, ...]
@@ -50,10 +71,15 @@ class Upstream:
     request_timeout: float = 600.0
     stream_idle_timeout: float = 20.0
     resume: str = "off"  # how this upstream may continue an answer broken elsewhere (core/splice.py)
+    auth: str = "bearer"  # how `api_key` is sent: AUTH_MODES
+    protocols: tuple[str, ...] = ("openai",)  # the APIs it speaks (core/splice.py APIS); failover stays within one
     max_inflight: int | None = None
     adaptive: bool = False
     min_inflight: int = 1
     slow_start: float = 0.0
+    request_deadline: float | None = None  # total time on one request's attempts before its first byte
+    failover_on: tuple[str, ...] = ()  # 4xx error codes (or types) that move the request to the next upstream
+    max_attempts: int = 3  # attempts one request may make on this upstream's nodes
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,9 @@ class Profile:
     health_check: HealthCheck = field(default_factory=HealthCheck)
     transparent_failover: bool = True
     shared_state: str | None = field(default=None, repr=False)  # a Redis URL; may hold a password
+    retry_after_max: float = 2.0  # longest wait for a `Retry-After` when no other candidate is left
+    retry_budget: RetryBudgetSettings = field(default_factory=RetryBudgetSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
 
     @property
     def name(self) -> str:
@@ -80,11 +109,14 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 _TOP_KEYS = {"match", "first_byte_timeout", "request_timeout", "stream_idle_timeout", "health_check", "upstreams",
-             "transparent_failover", "shared_state"}
+             "transparent_failover", "shared_state", "request_deadline", "retry_after_max", "retry_budget",
+             "max_attempts_per_upstream", "probe"}
 _HEALTH_KEYS = {f for f in HealthCheck.__dataclass_fields__}
 _UPSTREAM_KEYS = {"name", "nodes", "api_key", "model", "first_byte_timeout", "request_timeout", "max_inflight",
-                  "adaptive", "min_inflight", "slow_start", "stream_idle_timeout", "resume"}
+                  "adaptive", "min_inflight", "slow_start", "stream_idle_timeout", "resume", "request_deadline",
+                  "failover_on", "max_attempts_per_upstream", "auth", "protocols"}
 RESUME_MODES = ("off", "prefill", "prefill-vllm", "prefill-deepseek")
+AUTH_MODES = ("bearer", "x-api-key", "api-key")
 
 
 SHARED_STATE_SCHEMES = ("redis", "rediss", "unix")
@@ -140,6 +172,8 @@ def parse_profile(data: Any, path: str, env: Mapping[str, str], reverse_target: 
         "first_byte_timeout": reader.duration(top, "first_byte_timeout", 0.2),
         "request_timeout": reader.duration(top, "request_timeout", 600.0),
         "stream_idle_timeout": reader.duration(top, "stream_idle_timeout", 20.0),
+        "request_deadline": reader.optional_duration(top, "request_deadline", None),
+        "max_attempts_per_upstream": reader.positive_int(top, "max_attempts_per_upstream", "") or 3,
     }
     upstream_list = top.get("upstreams")
     if not isinstance(upstream_list, list) or not upstream_list:
@@ -160,7 +194,9 @@ def parse_profile(data: Any, path: str, env: Mapping[str, str], reverse_target: 
         raise ProfileError(path, "transparent_failover", f"needs true or false, got {failover!r}")
     return Profile(path=path, upstreams=upstreams, match=match, match_given="match" in top,
                    health_check=reader.health_check(top.get("health_check", {})),
-                   transparent_failover=failover, shared_state=reader.shared_state(top))
+                   transparent_failover=failover, shared_state=reader.shared_state(top),
+                   retry_after_max=reader.duration(top, "retry_after_max", 2.0, allow_zero=True),
+                   retry_budget=reader.retry_budget(top.get("retry_budget")), probe=reader.probe(top.get("probe")))
 
 
 class _Reader:
@@ -183,14 +219,19 @@ class _Reader:
                 raise self.fail(where, f"unknown key (known: {', '.join(sorted(allowed))})")
         return value
 
-    def duration(self, section: dict, name: str, default: float, prefix: str = "") -> float:
+    def duration(self, section: dict, name: str, default: float, prefix: str = "", allow_zero: bool = False) -> float:
         if name not in section:
             return default
+        if allow_zero and section[name] in (0, "0", "0s", "0ms"):
+            return 0.0
         try:
             return parse_duration(section[name])
         except ValueError:
             raise self.fail(prefix + name, f"bad duration {section[name]!r} (use e.g. 200ms, 1s, 30s, "
                                            "or a positive number of seconds)") from None
+
+    def optional_duration(self, section: dict, name: str, default: float | None, prefix: str = "") -> float | None:
+        return self.duration(section, name, 0.0, prefix) if name in section else default
 
     def health_check(self, value: Any) -> HealthCheck:
         section = self.mapping(value, "health_check", _HEALTH_KEYS)
@@ -226,8 +267,63 @@ class _Reader:
             stream_idle_timeout=self.duration(section, "stream_idle_timeout", defaults["stream_idle_timeout"],
                                               key + "."),
             resume=self.choice(section, "resume", RESUME_MODES, key),
+            request_deadline=self.optional_duration(section, "request_deadline", defaults["request_deadline"],
+                                                    key + "."),
+            failover_on=self.codes(section, "failover_on", key),
+            max_attempts=(self.positive_int(section, "max_attempts_per_upstream", key)
+                          or defaults["max_attempts_per_upstream"]),
+            auth=self.choice(section, "auth", AUTH_MODES, key),
+            protocols=self.protocols(section, key),
             **self.limits(section, key),
         )
+
+    def codes(self, section: dict, name: str, key: str) -> tuple[str, ...]:
+        value = section.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(c, str) and c for c in value):
+            raise self.fail(f"{key}.{name}", f"needs a list of error codes, e.g. [context_length_exceeded], got {value!r}")
+        return tuple(value)
+
+    def retry_budget(self, value: Any) -> RetryBudgetSettings:
+        section = self.mapping(value, "retry_budget", {"percent", "min_per_s", "window"})
+        percent = section.get("percent", 20)
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+            raise self.fail("retry_budget.percent", f"needs a percentage from 0 to 100, got {percent!r}")
+        floor = section.get("min_per_s", 1)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or floor < 0:
+            raise self.fail("retry_budget.min_per_s", f"needs a number >= 0, got {floor!r}")
+        return RetryBudgetSettings(percent=float(percent), min_per_s=float(floor),
+                                   window=self.duration(section, "window", 10.0, "retry_budget."))
+
+    def probe(self, value: Any) -> ProbeSettings:
+        if value is False:
+            return ProbeSettings(enabled=False)
+        section = self.mapping(value, "probe", {f for f in ProbeSettings.__dataclass_fields__})
+        enabled = section.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise self.fail("probe.enabled", f"needs true or false, got {enabled!r}")
+        method = section.get("method", "GET")
+        if not isinstance(method, str) or not method.isalpha():
+            raise self.fail("probe.method", f"needs an HTTP method such as GET, got {method!r}")
+        path = section.get("path", "/v1/models")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise self.fail("probe.path", f"needs a path starting with /, got {path!r}")
+        body = section.get("body")
+        if body is not None and not isinstance(body, (str, dict, list)):
+            raise self.fail("probe.body", f"needs a string or a JSON object, got {type(body).__name__}")
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        early = section.get("early_return_after", 0)
+        if isinstance(early, bool) or not isinstance(early, int) or early < 0:
+            raise self.fail("probe.early_return_after", f"needs a whole number >= 0 (0: off), got {early!r}")
+        return ProbeSettings(enabled=enabled, method=method.upper(), path=path, body=body,
+                             interval=self.duration(section, "interval", 1.0, "probe."),
+                             timeout=self.duration(section, "timeout", 2.0, "probe."), early_return_after=early)
+
+    def protocols(self, section: dict, key: str) -> tuple[str, ...]:
+        value = section.get("protocols", ["openai"])
+        if not isinstance(value, list) or not value or any(p not in APIS for p in value):
+            raise self.fail(f"{key}.protocols", f"needs a list of {', '.join(APIS)}, got {value!r}")
+        return tuple(dict.fromkeys(value))
 
     def limits(self, section: dict, key: str) -> dict:
         max_inflight = self.positive_int(section, "max_inflight", key)
@@ -314,7 +410,7 @@ class _Reader:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(f"{key}.{name}", f"needs a whole number >= 1, got {value!r}")
+            raise self.fail(f"{key}.{name}" if key else name, f"needs a whole number >= 1, got {value!r}")
         return value
 
     def expand(self, value: str, key: str) -> str:

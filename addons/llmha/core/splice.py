@@ -8,16 +8,21 @@ request that asks another upstream for the rest (the partial answer as a final a
 the form that upstream's `resume` names); a `Splicer` rewrites the continuation's events so that they
 belong to the client's stream.
 
-A protocol plugs in as a `StreamProtocol`: OpenAI chat completions and legacy completions today.
+A protocol plugs in as a `StreamProtocol`: OpenAI chat completions and legacy completions, Anthropic
+Messages, OpenAI Responses and Ollama's native API. Each says how its stream is framed (SSE events, or
+Ollama's newline-delimited JSON), what its first token is (not the opening events servers send before
+any: `message_start`, `response.created`, pings), what an in-band error and the stream's proper end look
+like, and how (or whether) an answer broken in it can be continued elsewhere.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sse import EVENT_END, split_events
+from .sse import EVENT_END
 
 DONE = "[DONE]"
 
@@ -71,8 +76,8 @@ class StreamFollower:
         buffer = self._buffer + chunk
         answer, forward = self.answer, 0
         self.progressed = False
-        for match in EVENT_END.finditer(buffer):
-            data = _event_data(buffer[forward:match.start()])
+        for match in self.protocol.boundary.finditer(buffer):
+            data = self.protocol.data_of(buffer[forward:match.start()])
             if data is not None:
                 if data.strip() == DONE:
                     answer.done = True
@@ -88,13 +93,46 @@ class StreamFollower:
         return buffer[:forward]
 
 
+    @property
+    def pending(self) -> int:
+        """Bytes held back: the start of an event not yet complete."""
+        return len(self._buffer)
+
+
 class StreamProtocol:
     """How one API streams an answer and how it can be continued."""
 
     name = "base"
+    api = "openai"  # the name an upstream's `protocols` lists when it speaks this API
+    boundary = EVENT_END  # what ends one event: SSE's blank line
+
+    def data_of(self, event: bytes) -> str | None:
+        """One event's data; None for an event without (a comment)."""
+        return _event_data(event)
+
+    def streams(self, payload: dict) -> bool:
+        """The request asks for a streamed answer."""
+        return payload.get("stream") is True
+
+    def started(self, answer: Answer) -> bool:
+        """The first token has come (OpenAI's servers send none of their events before it)."""
+        return answer.events > 0
 
     def follow(self, answer: Answer, data: str) -> None:
         raise NotImplementedError
+
+    @property
+    def end_marker(self) -> bytes:
+        """What ends a stream whose answer is whole but whose closing marker is missing."""
+        return b"data: [DONE]\n\n"
+
+    def error_event(self, message: str, code: str) -> bytes:
+        """A well-formed in-band error, as this API sends one."""
+        return error_event(message, code)
+
+    def encode(self, obj: dict) -> bytes:
+        """One (rewritten) event on the wire."""
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
     def unsafe_to_resume(self, answer: Answer, payload: dict) -> str | None:
         """Why this answer must not be continued elsewhere; None when it may."""
@@ -215,7 +253,208 @@ class TextCompletions(StreamProtocol):
         return _fewer_tokens({**payload, "prompt": payload["prompt"] + answer.content}, answer.content_events)
 
 
-PROTOCOLS: dict[str, StreamProtocol] = {p.name: p for p in (ChatCompletions(), TextCompletions())}
+def _started_content(answer: Answer) -> bool:
+    return bool(answer.content_events or answer.reasoning or answer.tool_call_started or answer.done
+                or answer.finish_reason)
+
+
+def _sse_event(name: str, obj: dict) -> bytes:
+    return f"event: {name}\ndata: ".encode() + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class AnthropicMessages(StreamProtocol):
+    """Anthropic Messages (`/v1/messages`): `message_start`, `content_block_start`, `ping`,
+    `content_block_delta`..., `message_delta`, `message_stop`; `event: error` in-band. Continued with the
+    API's native prefill: the partial answer as the last, assistant, message."""
+
+    name = api = "anthropic"
+
+    def started(self, answer: Answer) -> bool:
+        return _started_content(answer)
+
+    def follow(self, answer: Answer, data: str) -> None:
+        obj = _json(data)
+        if obj is None:
+            return
+        kind = obj.get("type")
+        if kind == "error" or (kind is None and obj.get("error") is not None):
+            error = obj.get("error")
+            answer.error = error if isinstance(error, dict) else {"message": str(error)}
+        elif kind == "message_start" and isinstance(obj.get("message"), dict):
+            message = obj["message"]
+            answer.role_sent = True
+            if answer.id is None:
+                answer.id, answer.model = message.get("id"), message.get("model")
+        elif kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                answer.tool_call_started = True
+        elif kind == "content_block_delta":
+            self._delta(answer, obj.get("delta") or {})
+        elif kind == "message_delta":
+            stop = (obj.get("delta") or {}).get("stop_reason")
+            if stop:
+                answer.finish_reason = stop
+            if isinstance(obj.get("usage"), dict):
+                answer.usage = obj["usage"]
+        elif kind == "message_stop":
+            answer.done = True
+
+    @staticmethod
+    def _delta(answer: Answer, delta: dict) -> None:
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            answer.text.append(delta["text"])
+            answer.content_events += 1
+        elif kind == "thinking_delta" and delta.get("thinking"):
+            answer.reasoning.append(delta["thinking"])
+        elif kind == "input_json_delta":
+            answer.tool_call_started = True
+
+    def unsafe_to_resume(self, answer: Answer, payload: dict) -> str | None:
+        if not answer.text:
+            return "no text was sent yet"
+        if answer.content != answer.content.rstrip():
+            return "the partial answer ends in whitespace, which Anthropic refuses in a prefill"
+        return super().unsafe_to_resume(answer, payload)
+
+    def continuation_body(self, payload: dict, answer: Answer, mode: str) -> dict:
+        prefill = {"role": "assistant", "content": answer.content}
+        return _fewer_tokens({**payload, "messages": [*payload.get("messages", []), prefill]}, answer.content_events)
+
+    @property
+    def end_marker(self) -> bytes:
+        return _sse_event("message_stop", {"type": "message_stop"})
+
+    def error_event(self, message: str, code: str) -> bytes:
+        return _sse_event("error", {"type": "error", "error": {"type": "api_error", "message": message}})
+
+    def encode(self, obj: dict) -> bytes:
+        return _sse_event(str(obj.get("type", "message")), obj)
+
+    def rewrite(self, obj: dict, answer: Answer, produced: int) -> dict | None:
+        kind = obj.get("type")
+        if kind in ("message_start", "ping") or (kind == "content_block_start" and obj.get("index") == 0):
+            return None  # the client had the message and its first block opened already
+        usage = obj.get("usage")
+        if kind == "message_delta" and isinstance(usage, dict) and isinstance(usage.get("output_tokens"), int):
+            obj["usage"] = {**usage, "output_tokens": usage["output_tokens"] + produced}
+        return obj
+
+
+class Responses(StreamProtocol):
+    """OpenAI Responses (`/v1/responses`): `response.created`, `response.in_progress`, ...,
+    `response.output_text.delta`..., `response.completed`; `response.failed` and `error` in-band.
+
+    Not continued elsewhere: the API has no assistant prefill (an assistant message in `input` is a
+    finished turn, and the model answers it afresh)."""
+
+    name = api = "responses"
+    _END = {"response.completed", "response.incomplete"}
+
+    def started(self, answer: Answer) -> bool:
+        return _started_content(answer)
+
+    def follow(self, answer: Answer, data: str) -> None:
+        obj = _json(data)
+        if obj is None:
+            return
+        kind = str(obj.get("type", ""))
+        response = _mapping(obj.get("response"))
+        if kind == "error":
+            answer.error = {k: v for k, v in obj.items() if k in ("code", "message", "param")} or {"message": data}
+        elif kind == "response.failed":
+            error = response.get("error")
+            answer.error = error if isinstance(error, dict) else {"message": "response.failed"}
+        elif kind == "response.created" and answer.id is None:
+            answer.id, answer.model, answer.created = response.get("id"), response.get("model"), response.get("created_at")
+        elif kind == "response.output_text.delta" and obj.get("delta"):
+            answer.text.append(str(obj["delta"]))
+            answer.content_events += 1
+        elif kind.startswith("response.reasoning") and kind.endswith(".delta") and obj.get("delta"):
+            answer.reasoning.append(str(obj["delta"]))
+        elif kind == "response.function_call_arguments.delta" or (
+                kind == "response.output_item.added" and (obj.get("item") or {}).get("type") == "function_call"):
+            answer.tool_call_started = True
+        elif kind in self._END:
+            answer.done = True
+            answer.finish_reason = response.get("status") or kind
+            answer.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+
+    def unsafe_to_resume(self, answer: Answer, payload: dict) -> str | None:
+        return "the Responses API has no assistant prefill to continue an answer with"
+
+    @property
+    def end_marker(self) -> bytes:
+        return b""
+
+    def error_event(self, message: str, code: str) -> bytes:
+        return _sse_event("error", {"type": "error", "code": code, "message": message, "param": None})
+
+    def encode(self, obj: dict) -> bytes:
+        return _sse_event(str(obj.get("type", "message")), obj)
+
+
+class OllamaNative(StreamProtocol):
+    """Ollama's native API (`/api/chat`, `/api/generate`): newline-delimited JSON, streamed unless
+    `"stream": false`; the last line has `"done": true`; an error is an `{"error": ...}` line.
+
+    Not continued elsewhere: how a final assistant message is treated depends on the model's template in
+    Ollama, so a prefill is not a documented continuation."""
+
+    name = "ollama"
+    api = "ollama"
+    boundary = re.compile(rb"\r?\n")
+
+    def data_of(self, event: bytes) -> str | None:
+        line = event.strip()
+        return line.decode("utf-8", "replace") if line else None
+
+    def streams(self, payload: dict) -> bool:
+        return payload.get("stream", True) is not False
+
+    def started(self, answer: Answer) -> bool:
+        return _started_content(answer)
+
+    def follow(self, answer: Answer, data: str) -> None:
+        obj = _json(data)
+        if obj is None:
+            return
+        if obj.get("error") is not None:
+            answer.error = {"message": str(obj["error"])}
+            return
+        if answer.model is None:
+            answer.model = obj.get("model")
+        message = _mapping(obj.get("message"))
+        text = message.get("content") or obj.get("response")
+        if text:
+            answer.text.append(str(text))
+            answer.content_events += 1
+        if message.get("thinking") or obj.get("thinking"):
+            answer.reasoning.append(str(message.get("thinking") or obj.get("thinking")))
+        if message.get("tool_calls"):
+            answer.tool_call_started = True
+        if obj.get("done") is True:
+            answer.done = True
+            answer.finish_reason = obj.get("done_reason") or "stop"
+
+    def unsafe_to_resume(self, answer: Answer, payload: dict) -> str | None:
+        return "Ollama's native API has no documented assistant prefill to continue an answer with"
+
+    @property
+    def end_marker(self) -> bytes:
+        return b""
+
+    def error_event(self, message: str, code: str) -> bytes:
+        return json.dumps({"error": message}).encode() + b"\n"
+
+    def encode(self, obj: dict) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+PROTOCOLS: dict[str, StreamProtocol] = {p.name: p for p in (ChatCompletions(), TextCompletions(), AnthropicMessages(),
+                                                            Responses(), OllamaNative())}
+APIS = ("openai", "anthropic", "responses", "ollama")  # what an upstream's `protocols` may list
 
 
 def protocol_for(path: str, payload: dict) -> StreamProtocol | None:
@@ -225,6 +464,27 @@ def protocol_for(path: str, payload: dict) -> StreamProtocol | None:
         return PROTOCOLS["openai-chat"]
     if path.endswith("/completions") and "prompt" in payload:
         return PROTOCOLS["openai-completions"]
+    if path.endswith("/v1/messages") and isinstance(payload.get("messages"), list):
+        return PROTOCOLS["anthropic"]
+    if path.endswith("/v1/responses") and "input" in payload:
+        return PROTOCOLS["responses"]
+    if path.endswith(("/api/chat", "/api/generate")):
+        return PROTOCOLS["ollama"]
+    return None
+
+
+def api_of(path: str, payload: dict) -> str | None:
+    """Which API a request speaks (the name upstreams' `protocols` list); None: unknown traffic."""
+    protocol = protocol_for(path, payload)
+    if protocol is not None:
+        return protocol.api
+    path = path.split("?", 1)[0].rstrip("/")
+    if "/api/" in path and path.endswith(("/api/embed", "/api/embeddings")):
+        return "ollama"
+    if path.endswith("/v1/embeddings"):
+        return "openai"
+    if "/v1/messages" in path:  # count_tokens, batches
+        return "anthropic"
     return None
 
 
@@ -249,20 +509,19 @@ class Splicer:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        events, self._buffer = split_events(self._buffer + chunk)
+        buffer, start = self._buffer + chunk, 0
         out = []
-        for event in events:
-            data = _event_data(event)
-            if data is None or data.strip() == DONE:
-                out.append(event + b"\n\n")
-                continue
-            obj = _json(data)
+        for match in self.protocol.boundary.finditer(buffer):
+            event, start = buffer[start:match.end()], match.end()
+            data = self.protocol.data_of(event)
+            obj = None if data is None or data.strip() == DONE else _json(data)
             if obj is None:
-                out.append(event + b"\n\n")
+                out.append(event)
                 continue
             rewritten = self.protocol.rewrite(obj, self.answer, self.produced)
             if rewritten is not None:
-                out.append(b"data: " + json.dumps(rewritten, separators=(",", ":")).encode() + b"\n\n")
+                out.append(self.protocol.encode(rewritten))
+        self._buffer = buffer[start:]
         return b"".join(out)
 
 
@@ -288,6 +547,10 @@ def _json(data: str) -> dict | None:
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _note_identity(answer: Answer, obj: dict) -> None:

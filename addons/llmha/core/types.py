@@ -25,6 +25,7 @@ class Outcome(StrEnum):
     STALLED = "stalled"  # no progress for `stream_idle_timeout` after the first token
     TRUNCATED = "truncated"  # ended without its protocol's end (`[DONE]`, a finish reason)
     CANCELLED = "cancelled"  # the attempt was abandoned for a reason that is not the node's (the client left)
+    DECLINED = "declined"  # a 4xx the upstream's `failover_on` lists: the request moves on; not the node's fault
 
     @property
     def failed(self) -> bool:
@@ -42,7 +43,7 @@ class Outcome(StrEnum):
         return self is Outcome.CANCELLED
 
 
-_NOT_FAILURES = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.CANCELLED})
+_NOT_FAILURES = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.CANCELLED, Outcome.DECLINED})
 _BREAKS = frozenset({Outcome.STREAM_CUT, Outcome.STALLED, Outcome.TRUNCATED, Outcome.IN_BAND_ERROR})
 
 

@@ -28,6 +28,7 @@ import email.utils
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +36,8 @@ from ..core.assemble import CompletionAssembler
 from ..core.candidates import Candidate
 from ..core.nodes import Lease, Leases
 from ..core.profile import Upstream
-from ..core.splice import Answer, StreamProtocol, protocol_for
+from ..core.retry import RetryDiscipline
+from ..core.splice import Answer, StreamFollower, StreamProtocol, api_of, protocol_for
 from ..core.sse import error_in, event_data, split_events
 from ..core.types import AttemptRecord, Outcome, describe_attempt, status_outcome
 from .upstream import ConnectFailed, Headers, UpstreamClient, UpstreamResponse
@@ -83,7 +85,13 @@ class LlmRequest:
 
     @property
     def stream(self) -> bool:
-        return self.payload.get("stream") is True
+        protocol = self.protocol
+        return protocol.streams(self.payload) if protocol is not None else self.payload.get("stream") is True
+
+    @property
+    def api(self) -> str | None:
+        """The API the request speaks, as upstreams' `protocols` name it; None: unknown traffic."""
+        return api_of(self.path, self.payload)
 
     def body_for(self, upstream: Upstream) -> bytes:
         """The body for this upstream: its `model` in place of the client's, the continuation's prefill."""
@@ -154,6 +162,7 @@ class GateResult:
     answer: CompleteAnswer | None = None
     stream: OpenStream | None = None
     retry_after_s: float | None = None  # the shortest `Retry-After` of the 429s met
+    declined: CompleteAnswer | None = None  # the last 4xx an upstream's `failover_on` moved on from
 
     @property
     def upstream_name(self) -> str:
@@ -170,12 +179,32 @@ class _AttemptFailed(Exception):
 
 
 FailoverListener = Callable[[Candidate, Candidate, AttemptRecord], None]
+_ANSWERED = {Outcome.OK, Outcome.CLIENT_ERROR}  # the attempt's answer goes to the client
+
+
+@dataclass
+class _Run:
+    """One request's way through the candidates."""
+
+    started: float
+    tries: Counter[str] = field(default_factory=Counter)  # attempts per upstream
+    over_budget: set[str] = field(default_factory=set)  # upstreams whose retry budget refused this request
+    paced: list[Candidate] = field(default_factory=list)  # passed over for their `Retry-After`
+    failed: tuple[Candidate, AttemptRecord] | None = None
+    deadline_passed: bool = False
+
+    def time_left(self, upstream: Upstream, now: float) -> float | None:
+        if upstream.request_deadline is None:
+            return None
+        return upstream.request_deadline - (now - self.started)
 
 
 class Gate:
     def __init__(self, leases: Leases, client: UpstreamClient, clock: Callable[[], float] = time.time,
-                 on_failover: FailoverListener | None = None, max_attempts: int | None = None) -> None:
+                 on_failover: FailoverListener | None = None, max_attempts: int | None = None,
+                 retry: RetryDiscipline | None = None) -> None:
         self.leases = leases
+        self.retry = retry or RetryDiscipline()
         self.client = client
         self.clock = clock
         self.on_failover = on_failover
@@ -183,37 +212,103 @@ class Gate:
 
     async def run(self, request: LlmRequest, candidates: list[Candidate],
                   result: GateResult | None = None) -> GateResult:
-        """Try `candidates`; `result`, when given, holds every attempt as it starts (kept if the run is cancelled)."""
+        """Try `candidates`; `result`, when given, holds every attempt as it starts (kept if the run is cancelled).
+
+        Retry discipline (`core/retry.py`): a node paced by its `Retry-After` is passed over, and if it
+        is all that is left, waited for up to `retry_after_max`; an upstream's attempts past a request's
+        first need its retry budget and stay under its `max_attempts_per_upstream`; no attempt starts
+        past the upstream's `request_deadline`, counted from the start of the run.
+        """
         result = GateResult() if result is None else result
         request = with_stream_decided(request)
-        failed: tuple[Candidate, AttemptRecord] | None = None
+        run = _Run(started=self.clock())
         for over_limit in (False, True):
             for candidate in candidates:
                 if self.max_attempts is not None and len(result.attempts) >= self.max_attempts:
                     break
-                lease = await self.leases.acquire(candidate.node, self.clock(),
-                                                  streamed=request.stream or assembles(request),
-                                                  over_limit=over_limit)
-                if lease is None:
-                    continue
-                if failed and self.on_failover:
-                    self.on_failover(failed[0], candidate, failed[1])
-                record, outcome = await self._attempt(request, candidate, lease, result)
-                if not outcome.failed:
-                    result.winner = candidate
+                if await self._try(request, candidate, result, run, over_limit):
                     return result
-                failed = (candidate, record)
             if result.attempts:
                 break  # someone had room: the past-the-limit pass is only for when nobody had
-        result.answer = failure_answer(result.attempts, result.retry_after_s)
+        if await self._wait_for_paced(request, result, run):
+            return result
+        result.answer = self._failure(result, run)
         return result
 
+    async def _try(self, request: LlmRequest, candidate: Candidate, result: GateResult, run: _Run,
+                   over_limit: bool) -> bool:
+        """One candidate, if the discipline lets it be tried now: True when it answered (the run is over)."""
+        upstream, now = candidate.upstream, self.clock()
+        budget = self.retry.budget(upstream.name)
+        tried_here = run.tries[upstream.name]
+        if not self.retry.pacing.ready(candidate.node, now):
+            run.paced.append(candidate)
+            return False
+        if upstream.name in run.over_budget or tried_here >= upstream.max_attempts:
+            return False
+        time_left = run.time_left(upstream, now)
+        if time_left is not None and time_left <= 0:
+            run.deadline_passed = True
+            return False
+        if tried_here and budget is not None and not budget.allows_retry(now):
+            run.over_budget.add(upstream.name)  # straight on to the next upstream
+            return False
+        lease = await self.leases.acquire(candidate.node, now, streamed=request.stream or assembles(request),
+                                          over_limit=over_limit)
+        if lease is None:
+            return False
+        if budget is not None and tried_here:
+            budget.retried(now)
+        elif budget is not None:
+            budget.request(now)
+        run.tries[upstream.name] += 1
+        if run.failed and self.on_failover:
+            self.on_failover(run.failed[0], candidate, run.failed[1])
+        record, outcome = await self._attempt(request, candidate, lease, result, time_left)
+        if outcome in _ANSWERED:
+            result.winner = candidate
+            return True
+        run.failed = (candidate, record)
+        if not self.retry.pacing.ready(candidate.node, self.clock()):
+            run.paced.append(candidate)  # its Retry-After: waited for if nobody else answers
+        if outcome is Outcome.CANCELLED:
+            run.deadline_passed = True  # cut by the deadline, not by the node
+        return False
+
+    async def _wait_for_paced(self, request: LlmRequest, result: GateResult, run: _Run) -> bool:
+        """Nobody else could answer: wait for the paced node free soonest, if within `retry_after_max`."""
+        out_of_attempts = self.max_attempts is not None and len(result.attempts) >= self.max_attempts
+        if not run.paced or run.deadline_passed or out_of_attempts:
+            return False
+        now = self.clock()
+        soonest = min(run.paced, key=lambda c: self.retry.pacing.wait_s(c.node, now))
+        wait = self.retry.pacing.wait_s(soonest.node, now)
+        result.note_retry_after(wait)
+        time_left = run.time_left(soonest.upstream, now)
+        if wait > self.retry.retry_after_max or (time_left is not None and wait >= time_left):
+            return False
+        await asyncio.sleep(wait)
+        run.paced = []
+        return await self._try(request, soonest, result, run, over_limit=True)
+
+    def _failure(self, result: GateResult, run: _Run) -> CompleteAnswer:
+        last = result.attempts[-1] if result.attempts else None
+        if last is not None and last.outcome == Outcome.DECLINED and result.declined is not None:
+            result.winner = run.failed[0] if run.failed else None
+            return result.declined  # no upstream left to move on to: the client gets the 4xx
+        if run.deadline_passed:
+            return deadline_answer(result.attempts)
+        if run.paced and all(a.outcome == Outcome.RATE_LIMITED for a in result.attempts):
+            return _rate_limited_answer(result.attempts, result.retry_after_s)
+        return failure_answer(result.attempts, result.retry_after_s)
+
     async def _attempt(self, request: LlmRequest, candidate: Candidate, lease: Lease,
-                       result: GateResult) -> tuple[AttemptRecord, Outcome]:
+                       result: GateResult, time_left: float | None = None) -> tuple[AttemptRecord, Outcome]:
         upstream, node = candidate.upstream, candidate.node
         assembled = assembles(request)
         sent = streamed_form(request) if assembled else request
-        limit = upstream.first_byte_timeout if sent.stream else upstream.request_timeout
+        own_limit = upstream.first_byte_timeout if sent.stream else upstream.request_timeout
+        limit = own_limit if time_left is None else min(own_limit, time_left)
         record = AttemptRecord(upstream=upstream.name, node=node.url, start=self.clock(), timeout_s=limit)
         result.attempts.append(record)
         started = time.monotonic()
@@ -225,17 +320,19 @@ class Gate:
                 response = await self.client.send(sent.method, node.url + sent.path, headers, body)
                 record.status = response.status_code
                 verdict = status_outcome(response.status_code)
-                if verdict is Outcome.RATE_LIMITED:
-                    result.note_retry_after(retry_after_s(response.headers, self.clock()))
+                self._note_pacing(response, candidate, result)
                 if verdict.failed:
                     raise _AttemptFailed(verdict)
+                if verdict is Outcome.CLIENT_ERROR and upstream.failover_on:
+                    record.ttfb_s = time.monotonic() - started
+                    await self._decline_listed_error(response, upstream, result)
                 passed = response.status_code < 300
                 if passed and _is_html(response.headers):
                     raise _AttemptFailed(Outcome.INVALID_ANSWER)
                 if passed and assembled and _is_event_stream(response.headers):
                     result.answer = await self._assemble(response, upstream, record, started, deadline)
                 elif passed and (sent.stream or _is_event_stream(response.headers)):
-                    opened = await self._open_stream(response, candidate, lease, record, started)
+                    opened = await self._open_stream(response, candidate, lease, record, started, sent.protocol)
                     if isinstance(opened, OpenStream):
                         result.stream = opened
                     else:
@@ -249,7 +346,9 @@ class Gate:
             outcome = failure.outcome
         except TimeoutError:  # after an assembled stream's first token, the idle limit may be what ran out
             stalled = assembled and record.ttfb_s is not None and record.timeout_s != upstream.request_timeout
-            outcome = Outcome.STALLED if stalled else Outcome.TIMEOUT
+            cut_by_deadline = record.ttfb_s is None and limit < own_limit
+            # The request's deadline, not the node, cut it short: nothing to count against the node.
+            outcome = Outcome.CANCELLED if cut_by_deadline else Outcome.STALLED if stalled else Outcome.TIMEOUT
         except ConnectFailed:
             outcome = Outcome.CONNECT_ERROR
         except OSError:
@@ -264,6 +363,25 @@ class Gate:
                 if response is not None:
                     await response.aclose()
         return record, outcome
+
+    def _note_pacing(self, response: UpstreamResponse, candidate: Candidate, result: GateResult) -> None:
+        """A 429 or 503 with `Retry-After`: the node is not tried again before then (not an ejection)."""
+        if response.status_code not in (429, 503):
+            return
+        wait = retry_after_s(response.headers, self.clock())
+        if response.status_code == 429:
+            result.note_retry_after(wait)
+        if wait:
+            self.retry.pacing.note(candidate.node, wait, self.clock())
+
+    async def _decline_listed_error(self, response: UpstreamResponse, upstream: Upstream, result: GateResult) -> None:
+        """A 4xx whose error code (or type) the upstream's `failover_on` lists moves the request on."""
+        body = await response.aread()
+        if _error_code(body) & set(upstream.failover_on):
+            result.declined = CompleteAnswer(response.status_code, response_headers(response), body)
+            raise _AttemptFailed(Outcome.DECLINED)
+        result.answer = CompleteAnswer(response.status_code, response_headers(response), body)
+        raise _AttemptFailed(Outcome.CLIENT_ERROR)
 
     async def _assemble(self, response: UpstreamResponse, upstream: Upstream, record: AttemptRecord,
                         started: float, deadline: asyncio.Timeout) -> CompleteAnswer:
@@ -299,24 +417,36 @@ class Gate:
         return CompleteAnswer(response.status_code, [*headers, ("content-type", "application/json")], body)
 
     async def _open_stream(self, response: UpstreamResponse, candidate: Candidate, lease: Lease,
-                           record: AttemptRecord, started: float) -> OpenStream | CompleteAnswer:
-        """Read up to the first SSE data event: the stream that passed, or a whole answer without events.
+                           record: AttemptRecord, started: float,
+                           protocol: StreamProtocol | None = None) -> OpenStream | CompleteAnswer:
+        """Read up to the first token: the stream that passed, or a whole answer without events.
 
-        The body is read decoded: a stream the upstream compressed although asked for `identity` is
-        gated on its events all the same, and the client gets it without `content-encoding`.
+        The first token is the first SSE data event, or, for a protocol llm-ha follows, what that
+        protocol counts as one (Anthropic's `message_start` and pings or Responses' `response.created`
+        come before any token and pass nothing); an in-band error before it fails the attempt. The body
+        is read decoded: a stream the upstream compressed although asked for `identity` is gated on its
+        events all the same, and the client gets it without `content-encoding`.
         """
         rest = response.aiter_bytes()
         head: list[bytes] = []
         buffer = b""
+        follower = StreamFollower(protocol) if protocol is not None else None
         async for chunk in rest:
             if record.ttfb_s is None:
                 record.ttfb_s = time.monotonic() - started
             head.append(chunk)
-            events, buffer = split_events(buffer + chunk)
-            first = next((d for d in map(event_data, events) if d is not None), None)
-            if first is not None and error_in(first):
-                raise _AttemptFailed(Outcome.IN_BAND_ERROR)
-            if first is not None or len(buffer) > MAX_FIRST_EVENT_BYTES:
+            if follower is not None:
+                follower.feed(chunk)
+                if follower.answer.error is not None:
+                    raise _AttemptFailed(Outcome.IN_BAND_ERROR)
+                passed, waiting = follower.protocol.started(follower.answer), follower.pending
+            else:
+                events, buffer = split_events(buffer + chunk)
+                first = next((d for d in map(event_data, events) if d is not None), None)
+                if first is not None and error_in(first):
+                    raise _AttemptFailed(Outcome.IN_BAND_ERROR)
+                passed, waiting = first is not None, len(buffer)
+            if passed or waiting > MAX_FIRST_EVENT_BYTES:
                 return OpenStream(response.status_code, response_headers(response), candidate, record, lease,
                                   response, head, rest, started, self.clock,
                                   reason=response.reason_phrase.encode("latin-1", "replace"))
@@ -341,8 +471,15 @@ def upstream_headers(client_headers: list[tuple[str, str]], candidate: Candidate
         headers = [(k, v) for k, v in client_headers if _meant_for_any_provider(k.lower())]
     headers.append(("accept-encoding", "identity"))  # the gate reads the first SSE event
     if api_key:
-        headers.append(("authorization", f"Bearer {api_key}"))
+        headers.append(_auth_header(candidate.upstream.auth, api_key))
     return headers
+
+
+def _auth_header(auth: str, api_key: str) -> tuple[str, str]:
+    """How the upstream's `auth` sends its key: OpenAI's bearer token, Anthropic's or Azure's header."""
+    if auth == "bearer":
+        return "authorization", f"Bearer {api_key}"
+    return auth, api_key  # "x-api-key" (Anthropic), "api-key" (Azure OpenAI)
 
 
 def _meant_for_any_provider(name: str) -> bool:
@@ -388,6 +525,22 @@ def failure_answer(attempts: list[AttemptRecord], retry_after: float | None = No
     message = f"llm-ha: no upstream could answer ({len(attempts)} attempts: {tried})"
     body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
     return CompleteAnswer(status, [("content-type", "application/json")], body)
+
+
+def deadline_answer(attempts: list[AttemptRecord]) -> CompleteAnswer:
+    """The 504 of a request whose `request_deadline` passed before any upstream's first byte."""
+    tried = "; ".join(describe_attempt(a) for a in attempts) or "no attempt started in time"
+    message = f"llm-ha: request_deadline passed before any upstream answered ({len(attempts)} attempts: {tried})"
+    body = json.dumps({"error": {"message": message, "type": "timeout", "code": "request_deadline_exceeded"}}).encode()
+    return CompleteAnswer(504, [("content-type", "application/json")], body)
+
+
+def _error_code(body: bytes) -> set[str]:
+    """An OpenAI-style error's `code` and `type` (what `failover_on` may list)."""
+    error = _json_body(body).get("error")
+    if not isinstance(error, dict):
+        return set()
+    return {str(error[k]) for k in ("code", "type") if error.get(k) is not None}
 
 
 def _rate_limited_answer(attempts: list[AttemptRecord], retry_after: float | None) -> CompleteAnswer:

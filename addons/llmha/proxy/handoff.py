@@ -7,8 +7,9 @@ URL is put back in `responseheaders`, so what is shown and recorded is the clien
 
 On the way, a stream of a protocol llm-ha can follow (`core/splice.py`) is watched event by event:
 - only whole events are passed on, so a break never leaves half an event with the client;
-- when the protocol's end (`[DONE]`) arrives, it goes out together with the end of the message, so
-  mitmproxy has the whole response (and records it) before a client that hangs up at `[DONE]` leaves;
+- when the protocol's end (`[DONE]`, Anthropic's `message_stop`, ...) arrives, it goes out together
+  with the end of the message, so mitmproxy has the whole response (and records it) before a client
+  that hangs up at the end leaves;
 - no data event for `stream_idle_timeout` is a stall; a reset, a cut, an in-band error event or an end
   without the protocol's end is a break. Either is handed to the relay's `resume`, which may continue
   the answer on another node; the continuation's events are rewritten into the client's stream. If
@@ -29,7 +30,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..core.splice import Answer, Splicer, StreamFollower, error_event, splice_comment
+from ..core.splice import Answer, Splicer, StreamFollower, splice_comment
 from ..core.types import Outcome
 from ..tasks import background
 from .gate import OpenStream
@@ -193,7 +194,7 @@ class HandoffServer:
         where = f"{broken.record.upstream} {broken.record.node}"
         chunks = f"{answer.events} events" if answer else "its first bytes"
         if answer is not None and answer.complete:  # only the closing marker was missing
-            await responder.end(b"data: [DONE]\n\n")
+            await responder.end(relay.follower.protocol.end_marker if relay.follower else b"")
             return None
         continuation = await relay.resume(relay, broken, outcome) if relay.resume and answer else None
         if continuation is not None:
@@ -203,9 +204,9 @@ class HandoffServer:
             return continuation
         logger.info(f"llm-ha: {where} broke its stream ({outcome.value} after {chunks})"
                     + (f"; not resumed: {relay.why_not_resumed}" if relay.why_not_resumed else ""))
-        if answer is not None:
+        if relay.follower is not None:
             why = f": {relay.why_not_resumed}" if relay.why_not_resumed else ""
-            await responder.send(error_event(
+            await responder.send(relay.follower.protocol.error_event(
                 f"llm-ha: the stream from {broken.record.upstream} broke ({outcome.value} after {chunks}) "
                 f"and could not be continued{why}", f"stream_{outcome.value}"))
         responder.abort()  # the client must see a broken stream, not a clean end

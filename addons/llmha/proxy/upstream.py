@@ -26,6 +26,7 @@ from mitmproxy.net.http.http1 import read_response_head
 MAX_HEAD_BYTES = 64 * 1024
 PAUSE_ABOVE_BYTES = 4 * 1024 * 1024  # stop reading the socket while this much waits unread
 IDLE_KEPT = 64  # idle connections kept per origin
+IDLE_EXPIRY_S = 5.0  # an idle connection is closed after this long (httpx's default keep-alive expiry)
 _NO_BODY_STATUSES = {204, 304}
 
 
@@ -102,6 +103,7 @@ class UpstreamClient:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
+            conn.stop_expiry()
             if conn.usable:
                 return conn
         return None
@@ -110,7 +112,14 @@ class UpstreamClient:
         idle = self._idle.setdefault(conn.origin, deque())
         if len(idle) < IDLE_KEPT:
             idle.append(conn)
+            conn.expire_after(IDLE_EXPIRY_S, lambda: self._expire(conn))
         else:
+            conn.close()
+
+    def _expire(self, conn: _Connection) -> None:
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
             conn.close()
 
     async def _connect(self, origin: Origin) -> _Connection:
@@ -228,6 +237,7 @@ class _Connection(asyncio.Protocol):
         self._method = "GET"
         self._response = None
         self._tunnel = False
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
 
@@ -327,7 +337,16 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
+    def expire_after(self, seconds: float, expire) -> None:
+        self._expiry = asyncio.get_running_loop().call_later(seconds, expire)
+
+    def stop_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
     def close(self) -> None:
+        self.stop_expiry()
         self._closed = True
         if self.transport is not None:
             self.transport.abort() if not self._ended else self.transport.close()
