@@ -83,6 +83,10 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
+def _printer(console):
+    return lambda line: console.print("  " + line, soft_wrap=True, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m llmbench.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE,
@@ -136,7 +140,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _printer(console):
-    return lambda line: console.print("  " + line, soft_wrap=True, highlight=False)
