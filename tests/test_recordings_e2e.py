@@ -15,7 +15,7 @@ from mitmproxy import io as flow_io
 from test_replay import SERVER_REPLAY, background, mitmdump  # noqa: F401 - `background` is a fixture
 
 from llmsim.control import free_port
-from support.lingering import LingeringUpstream
+from support.scripted import ScriptedUpstream, chat_chunk
 
 pytestmark = pytest.mark.e2e
 N = 12
@@ -59,7 +59,9 @@ def test_every_streamed_answer_is_recorded_whole_and_a_stand_in_replays_it(tmp_p
                                                                           background):  # noqa: F811
     fallback = simulators("--preset", "fallback")
     recording = tmp_path / "traffic.flows"
-    with LingeringUpstream(linger=0.3) as primary:
+    events = [chat_chunk({"role": "assistant", "content": "w0"}),
+              *(chat_chunk({"content": f" w{i}"}) for i in range(1, 5)), chat_chunk({"content": " w5"}, "stop"), "[DONE]"]
+    with ScriptedUpstream(events, linger=0.3) as primary:
         proxy = proxies(f"""
 upstreams:
   - name: primary

@@ -1,4 +1,6 @@
-"""An upstream that streams given SSE events, then does what the test says: cut, hang, or end cleanly.
+"""An upstream that streams given SSE events, then does what the test says: cut, hang, or end cleanly
+(optionally `linger` seconds after its last event before the end of the HTTP message, as real servers
+may after `data: [DONE]`).
 
     with ScriptedUpstream(events, then="reset") as upstream:
         ...  # upstream.url; upstream.requests: the request bodies it received
@@ -14,9 +16,10 @@ import time
 
 
 class ScriptedUpstream:
-    def __init__(self, events: list[dict | str], then: str = "end") -> None:
+    def __init__(self, events: list[dict | str], then: str = "end", linger: float = 0.0) -> None:
         self.events = events
         self.then = then  # end | reset | hang
+        self.linger = linger
         self.requests: list[dict] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -56,7 +59,8 @@ class ScriptedUpstream:
         for event in self.events:
             data = event if isinstance(event, str) else json.dumps(event)
             conn.sendall(_chunk(f"data: {data}\n\n".encode()))
-            time.sleep(0.005)
+            if event != "[DONE]":
+                time.sleep(0.005)
         if self.then == "reset":
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
@@ -64,6 +68,7 @@ class ScriptedUpstream:
             self._stop.wait(30)
             conn.close()
         else:
+            time.sleep(self.linger)
             conn.sendall(b"0\r\n\r\n")
             conn.close()
 

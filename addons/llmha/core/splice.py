@@ -161,10 +161,8 @@ class StreamProtocol:
         return obj
 
 
-class ChatCompletions(StreamProtocol):
-    """OpenAI chat completions (`/v1/chat/completions`), `chat.completion.chunk` events."""
-
-    name = "openai-chat"
+class OpenAIEvents(StreamProtocol):
+    """OpenAI's streamed events: an object with `choices` (choice 0 followed), `usage`, or `error`."""
 
     def follow(self, answer: Answer, data: str) -> None:
         obj = _json(data)
@@ -177,21 +175,32 @@ class ChatCompletions(StreamProtocol):
         if isinstance(obj.get("usage"), dict):
             answer.usage = obj["usage"]
         for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("role"):
-                answer.role_sent = True
-            if delta.get("content"):
-                answer.text.append(delta["content"])
-                answer.content_events += 1
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning:
-                answer.reasoning.append(reasoning)
-            if delta.get("tool_calls") or delta.get("function_call"):
-                answer.tool_call_started = True
-            if choice.get("finish_reason"):
-                answer.finish_reason = choice["finish_reason"]
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                self.follow_choice(answer, choice)
+                if choice.get("finish_reason"):
+                    answer.finish_reason = choice["finish_reason"]
+
+    def follow_choice(self, answer: Answer, choice: dict) -> None:
+        raise NotImplementedError
+
+
+class ChatCompletions(OpenAIEvents):
+    """OpenAI chat completions (`/v1/chat/completions`), `chat.completion.chunk` events."""
+
+    name = "openai-chat"
+
+    def follow_choice(self, answer: Answer, choice: dict) -> None:
+        delta = choice.get("delta") or {}
+        if delta.get("role"):
+            answer.role_sent = True
+        if delta.get("content"):
+            answer.text.append(delta["content"])
+            answer.content_events += 1
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning:
+            answer.reasoning.append(reasoning)
+        if delta.get("tool_calls") or delta.get("function_call"):
+            answer.tool_call_started = True
 
     def continuation_body(self, payload: dict, answer: Answer, mode: str) -> dict:
         prefill: dict[str, Any] = {"role": "assistant", "content": answer.content}
@@ -218,29 +227,15 @@ class ChatCompletions(StreamProtocol):
         return obj
 
 
-class TextCompletions(StreamProtocol):
+class TextCompletions(OpenAIEvents):
     """Legacy completions (`/v1/completions`): the continuation is the prompt plus the partial text."""
 
     name = "openai-completions"
 
-    def follow(self, answer: Answer, data: str) -> None:
-        obj = _json(data)
-        if obj is None:
-            return
-        if obj.get("error") is not None:
-            answer.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-            return
-        _note_identity(answer, obj)
-        if isinstance(obj.get("usage"), dict):
-            answer.usage = obj["usage"]
-        for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            if choice.get("text"):
-                answer.text.append(choice["text"])
-                answer.content_events += 1
-            if choice.get("finish_reason"):
-                answer.finish_reason = choice["finish_reason"]
+    def follow_choice(self, answer: Answer, choice: dict) -> None:
+        if choice.get("text"):
+            answer.text.append(choice["text"])
+            answer.content_events += 1
 
     def unsafe_to_resume(self, answer: Answer, payload: dict) -> str | None:
         if not isinstance(payload.get("prompt"), str):
