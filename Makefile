@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint peers bench-overhead bench-soak bench-spike bench-peers demo-cluster bench-cluster clean
+.PHONY: demo test lint peers bench-overhead bench-soak bench-probe bench-spike bench-peers demo-cluster bench-cluster clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench-overhead: $(STAMP)
 # 10,000 streamed requests, 100 at a time, through llm-ha: mitmdump's RSS and fds every 10 s.
 bench-soak: $(STAMP)
 	$(PY) -m llmbench.bench_soak $(BENCH_ARGS)
+
+# A primary that dies and stays down, with and without probing (about 1.5 minutes).
+bench-probe: $(STAMP)
+	$(PY) -m llmbench.bench_probe $(BENCH_ARGS)
 
 bench-spike: $(STAMP)
 	$(PY) -m llmbench.bench_spike
