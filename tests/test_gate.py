@@ -9,7 +9,7 @@ from llmha.core.candidates import CandidatePicker
 from llmha.core.nodes import NodePool
 from llmha.core.profile import Profile, Upstream
 from llmha.core.types import NodeId, Outcome
-from llmha.proxy.gate import Gate, LlmRequest
+from llmha.proxy.gate import CompleteAnswer, Gate, LlmRequest, failure_answer, in_dialect
 from llmha.proxy.upstream import ConnectFailed, ConnectionBroken, Headers
 
 PRIMARY, FALLBACK = "http://primary:1", "http://fallback:2"
@@ -135,3 +135,14 @@ def test_a_cancelled_gate_releases_its_lease_without_blaming_the_node():
     asyncio.run(main())
     node = pool[NodeId("primary", PRIMARY)]
     assert (node.inflight, node.monitor.requests, node.monitor.failures) == (0, 0, 0)
+
+
+def test_llm_has_own_errors_speak_the_clients_api():
+    failed = failure_answer([])  # 503, nothing to try
+    anthropic = json.loads(in_dialect(failed, "anthropic").body)
+    assert anthropic["type"] == "error" and anthropic["error"]["type"] == "overloaded_error"
+    assert anthropic["error"]["message"].startswith("llm-ha:")
+    assert json.loads(in_dialect(failed, "ollama").body) == {"error": json.loads(failed.body)["error"]["message"]}
+    assert in_dialect(failed, "openai") is failed
+    upstreams_own = CompleteAnswer(400, [], b'{"type": "error", "error": {"type": "invalid_request_error", "message": "x"}}')
+    assert in_dialect(upstreams_own, "anthropic") is upstreams_own

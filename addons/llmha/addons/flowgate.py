@@ -90,7 +90,7 @@ class FlowGate:
     def _deliver(self, flow: http.HTTPFlow, runtime: Runtime, request: LlmRequest, result: GateResult) -> None:
         attempts = [a.to_dict() for a in result.attempts]
         summary = summarize(attempts)
-        flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": result.upstream_name,
+        flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": result.upstream_name, "api": request.api,
                                    "attempts": attempts, "summary": summary, "streamed": bool(result.stream)}
         flow.comment = summary
         extra = [("x-llm-ha-upstream", result.upstream_name), ("x-llm-ha-attempts", str(len(attempts)))]

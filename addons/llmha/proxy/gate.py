@@ -232,7 +232,7 @@ class Gate:
                 break  # someone had room: the past-the-limit pass is only for when nobody had
         if await self._wait_for_paced(request, result, run):
             return result
-        result.answer = self._failure(result, run)
+        result.answer = in_dialect(self._failure(result, run), request.api)
         return result
 
     async def _try(self, request: LlmRequest, candidate: Candidate, result: GateResult, run: _Run,
@@ -525,6 +525,25 @@ def failure_answer(attempts: list[AttemptRecord], retry_after: float | None = No
     message = f"llm-ha: no upstream could answer ({len(attempts)} attempts: {tried})"
     body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
     return CompleteAnswer(status, [("content-type", "application/json")], body)
+
+
+_ANTHROPIC_ERROR_TYPES = {429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+def in_dialect(answer: CompleteAnswer, api: str | None) -> CompleteAnswer:
+    """llm-ha's own error (OpenAI-shaped) in the shape the client's API uses: Anthropic's
+    `{"type": "error", "error": {"type", "message"}}`, Ollama's `{"error": "..."}`."""
+    if api not in ("anthropic", "ollama") or answer.status < 400:
+        return answer
+    error = _json_body(answer.body).get("error")
+    if not isinstance(error, dict) or not str(error.get("message", "")).startswith("llm-ha:"):
+        return answer  # an upstream's own error, passed on as it came
+    if api == "ollama":
+        body = {"error": error["message"]}
+    else:
+        kind = _ANTHROPIC_ERROR_TYPES.get(answer.status, "api_error")
+        body = {"type": "error", "error": {"type": kind, "message": error["message"]}}
+    return CompleteAnswer(answer.status, answer.headers, json.dumps(body).encode())
 
 
 def deadline_answer(attempts: list[AttemptRecord]) -> CompleteAnswer:
