@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,7 +63,7 @@ from .proxy import REPO, MitmProcess, start_mitmdump
 
 PATHS = ("direct", "mitmdump", "llm-ha")
 PROXIES = PATHS[1:]
-PARTS = ("per-chunk", "sweep", "per-request", "startup")
+PARTS = ("per-chunk", "sweep", "per-request", "startup", "protocols")
 OUT_DIR = REPO / "out" / "bench-overhead"
 SIM_QUIET = ("--log-level", "WARNING")
 REQUEST_TIMEOUT = 120.0  # s: one answer, however slow the path under load
@@ -72,8 +72,10 @@ PROFILE = """\
 first_byte_timeout: 10s   # generous: the benchmark measures the data path, failovers would blur it
 upstreams:
   - name: primary
+    protocols: [openai, anthropic, responses, ollama]
   - name: fallback
     nodes: ["{fallback}"]
+    protocols: [openai, anthropic, responses, ollama]
 """
 BARE_SCRIPT = '"""No addon: start_mitmdump always loads a script, this one does nothing."""\n'
 
@@ -94,11 +96,14 @@ class Sizes:
     sweep_waves: int = 1  # answers each stream asks for, one after the other (closed loop)
     requests: int = 300
     max_tokens: int = 16
+    protocol_requests: int = 100  # per API: sequential short requests for the added TTFT
+    protocol_tokens: int = 400  # per API: one paced stream for the CPU per chunk
 
 
 FULL = Sizes()
 QUICK = Sizes(rounds=2, startup_rounds=2, chunk_tokens=100, chunk_token_time=0.002, chunk_streams=4,
-              sweep_streams=(5, 10), sweep_tokens=10, sweep_rate=50.0, sweep_ramp=0.1, requests=20)
+              sweep_streams=(5, 10), sweep_tokens=10, sweep_rate=50.0, sweep_ramp=0.1, requests=20,
+              protocol_requests=10, protocol_tokens=50)
 
 
 # -- the client
@@ -121,10 +126,36 @@ class Answer:
         return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
-def chat_request(host: str, max_tokens: int) -> bytes:
-    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                       "max_tokens": max_tokens}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+@dataclass(frozen=True)
+class Wire:
+    """One API's streamed answer, as the light client reads it: where to ask, how events are separated,
+    what marks a token and what marks the end."""
+
+    path: str
+    body: Callable[[int], dict]
+    separator: bytes
+    token: bytes
+    ends: tuple[bytes, ...]
+
+
+HI = [{"role": "user", "content": "hi"}]
+WIRES = {
+    "openai": Wire("/v1/chat/completions", lambda n: {"model": "bench", "messages": HI, "stream": True, "max_tokens": n},
+                   b"\n\n", b'"content"', (b"data: [DONE]",)),
+    "anthropic": Wire("/v1/messages", lambda n: {"model": "bench", "messages": HI, "stream": True, "max_tokens": n},
+                      b"\n\n", b'"text_delta"', (b"event: message_stop",)),
+    "responses": Wire("/v1/responses", lambda n: {"model": "bench", "input": "hi", "stream": True, "max_output_tokens": n},
+                      b"\n\n", b"event: response.output_text.delta",
+                      (b"event: response.completed", b"event: response.incomplete")),
+    "ollama": Wire("/api/chat", lambda n: {"model": "bench", "messages": HI, "stream": True, "options": {"num_predict": n}},
+                   b"\n", b'"done":false', (b'"done":true',)),
+}
+CHAT = WIRES["openai"]
+
+
+def stream_request(host: str, max_tokens: int, wire: Wire = CHAT) -> bytes:
+    body = json.dumps(wire.body(max_tokens)).encode()
+    head = (f"POST {wire.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer bench\r\nContent-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
@@ -139,6 +170,7 @@ class RawConnection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.wire = CHAT
         self._pending = b""
 
     async def close(self) -> None:
@@ -148,9 +180,11 @@ class RawConnection:
                 await self.writer.wait_closed()
         self.reader = self.writer = None
 
-    async def stream(self, request: bytes, timeout: float = REQUEST_TIMEOUT, keep_times: bool = False) -> Answer:
+    async def stream(self, request: bytes, timeout: float = REQUEST_TIMEOUT, keep_times: bool = False,
+                     wire: Wire = CHAT) -> Answer:
         """Send `request`, read the whole answer; the time to first token includes connecting, if needed."""
         answer = Answer(time.perf_counter(), token_times=[] if keep_times else None)
+        self.wire = wire
         keep_alive = False
         try:
             async with asyncio.timeout(timeout):
@@ -162,7 +196,7 @@ class RawConnection:
             answer.error = answer.error or f"{type(exc).__name__}: {exc}"[:200]
         answer.duration = time.perf_counter() - answer.started
         if answer.error is None and not answer.complete:
-            answer.error = "the stream ended without data: [DONE]"
+            answer.error = f"the stream ended without {wire.ends[0].decode()}"
         if not keep_alive or answer.error:
             await self.close()
         return answer
@@ -201,18 +235,19 @@ class RawConnection:
             self._feed(answer, (await reader.readexactly(size + 2))[:-2])
 
     def _feed(self, answer: Answer, data: bytes) -> None:
-        *events, self._pending = (self._pending + data).split(b"\n\n")
+        wire = self.wire
+        *events, self._pending = (self._pending + data).split(wire.separator)
         if not events:
             return
         now = time.perf_counter() - answer.started
         for event in events:
-            if b'"content"' in event:
+            if wire.token in event:
                 answer.tokens += 1
                 if answer.first_token is None:
                     answer.first_token = now
                 if answer.token_times is not None:
                     answer.token_times.append(now)
-            elif event.startswith(b"data: [DONE]"):
+            elif any(end in event for end in wire.ends):
                 answer.complete = True
 
 
@@ -282,8 +317,8 @@ class Target:
     def cpu(self) -> float:
         return proxy_cpu_seconds(self.pid) if self.pid else 0.0
 
-    def request(self, max_tokens: int) -> bytes:
-        return chat_request(f"{self.host}:{self.port}", max_tokens)
+    def request(self, max_tokens: int, wire: Wire = CHAT) -> bytes:
+        return stream_request(f"{self.host}:{self.port}", max_tokens, wire)
 
 
 class Machine:
@@ -363,15 +398,15 @@ def three_paths(machine: Machine, upstream: str, fallback: str, workdir: Path) -
 
 
 async def run_streams(target: Target, streams: int, tokens: int, *, delays: list[float] | None = None,
-                      waves: int = 1, keep_times: bool = False) -> list[Answer]:
+                      waves: int = 1, keep_times: bool = False, wire: Wire = CHAT) -> list[Answer]:
     """`streams` connections, each asking for `waves` answers of `tokens` tokens one after the other."""
-    request = target.request(tokens)
+    request = target.request(tokens, wire)
 
     async def one(delay: float) -> list[Answer]:
         await asyncio.sleep(delay)
         connection = RawConnection(target.host, target.port)
         try:
-            return [await connection.stream(request, keep_times=keep_times) for _ in range(waves)]
+            return [await connection.stream(request, keep_times=keep_times, wire=wire) for _ in range(waves)]
         finally:
             await connection.close()
 
@@ -501,10 +536,35 @@ def part_per_request(sizes: Sizes, results: Results, machine: Machine, fallback:
             results.add("request_added_ttft_ms", path, ttft - direct[round_])
 
 
+def part_protocols(sizes: Sizes, results: Results, machine: Machine, fallback: str, workdir: Path) -> None:
+    """Per API: the TTFT each proxy adds (sequential short requests) and its CPU per 1,000 chunks (one paced
+    stream), measured in the same rounds."""
+    tokens = sizes.protocol_tokens
+    paced = ("--no-physics", "--token-time", str(sizes.chunk_token_time), "--max-output-tokens", str(tokens))
+    with simulator(machine, *paced) as sim, three_paths(machine, sim.url, fallback, workdir) as targets:
+        for api, wire in WIRES.items():
+            for target in targets:
+                asyncio.run(run_streams(target, 1, 4, wire=wire))  # warm-up
+            for _, target in interleaved(sizes.rounds, targets):
+                short, _, _ = measured(target, run_streams(target, 1, sizes.max_tokens, waves=sizes.protocol_requests,
+                                                           wire=wire))
+                ttfts = [a.first_token for a in short if a.first_token is not None]
+                results.add(f"{api}_ttft_p50_ms", target.path, 1000 * percentile(ttfts, 50) if ttfts else math.nan)
+                answers, _, cpu = measured(target, run_streams(target, 1, tokens, wire=wire))
+                if target.pid:
+                    results.add(f"{api}_cpu_ms_per_1k", target.path, 1e6 * cpu / max(1, answers[0].tokens))
+                results.add(f"{api}_errors", target.path, sum(1 for a in [*short, *answers] if a.error))
+                results.error(f"protocols {api}, {target.path}", [*short, *answers])
+            direct = results.figures[f"{api}_ttft_p50_ms"]["direct"]
+            for path in PROXIES:
+                for round_, ttft in enumerate(results.figures[f"{api}_ttft_p50_ms"][path]):
+                    results.add(f"{api}_added_ttft_ms", path, ttft - direct[round_])
+
+
 async def first_answer(proxy: MitmProcess, deadline: float) -> float:
     """perf_counter() when the proxy first answers a streamed request completely; polls every 5 ms."""
     connection = RawConnection("127.0.0.1", proxy.port)
-    request = chat_request(f"127.0.0.1:{proxy.port}", 4)
+    request = stream_request(f"127.0.0.1:{proxy.port}", 4)
     try:
         while True:
             answer = await connection.stream(request, timeout=5.0)
@@ -534,7 +594,7 @@ def part_startup(sizes: Sizes, results: Results, machine: Machine, fallback: str
 
 
 PART_RUNNERS = {"per-chunk": part_per_chunk, "sweep": part_sweep, "per-request": part_per_request,
-                "startup": part_startup}
+                "startup": part_startup, "protocols": part_protocols}
 
 
 # -- report
@@ -576,11 +636,16 @@ def lines_of(sizes: Sizes) -> dict[str, list[Line]]:
         Line("request_errors", "errors"),
     ]
     startup = [Line("startup_ms", "launch to first proxied answer, ms")]
+    protocols = [line for api in WIRES for line in (
+        Line(f"{api}_added_ttft_ms", f"{api}: added TTFT p50 ms (minus the direct path's, same round)"),
+        Line(f"{api}_cpu_ms_per_1k", f"{api}: proxy CPU ms / 1,000 chunks, 1 paced stream"),
+        Line(f"{api}_errors", f"{api}: errors"))]
     return {
         "per-chunk": chunk,
         "sweep": sweep,
         "per-request": request,
         "startup": startup,
+        "protocols": protocols,
     }
 
 
@@ -593,6 +658,8 @@ def titles(sizes: Sizes) -> dict[str, str]:
         "per-request": f"Per request: {sizes.requests} streamed requests of {sizes.max_tokens} tokens, "
                        "one after the other on a keep-alive connection",
         "startup": "Start-up",
+        "protocols": f"Per API: {sizes.protocol_requests} sequential requests of {sizes.max_tokens} tokens (added TTFT), "
+                     f"one stream of {sizes.protocol_tokens} tokens at {sizes.chunk_token_time * 1000:g} ms/token (CPU)",
     }
 
 

@@ -34,7 +34,6 @@ from .bench_overhead import (
     SIM_QUIET,
     Answer,
     RawConnection,
-    chat_request,
     first_error,
     open_fds,
     percentile,
@@ -42,6 +41,7 @@ from .bench_overhead import (
     proc_status_kib,
     proxy_cpu_seconds,
     raise_fd_limit,
+    stream_request,
 )
 from .proxy import REPO, MitmProcess, start_mitmdump
 
@@ -69,7 +69,7 @@ class Soak:
         self.requests = requests
         self.concurrency = concurrency
         self.max_tokens = max_tokens
-        self.request = chat_request(f"127.0.0.1:{proxy.port}", max_tokens)
+        self.request = stream_request(f"127.0.0.1:{proxy.port}", max_tokens)
         self.answers: list[Answer] = []
         self.samples: list[Sample] = []
         self._left = requests
