@@ -969,30 +969,47 @@ class Simulator:
             return True
         return False  # CANCELLED: the client left
 
-    async def _stream(self, seq: Sequence, gen: Generation, responder: Responder) -> None:
-        chunk = self._chunk_factory(gen)
+    async def _send_tokens(self, seq: Sequence, responder: Responder, send_token) -> int | None:
+        """Send each token as the engine makes it (`await send_token(item, sent)`), under the fault switches
+        (reset, stall, no_done); the number sent, or None when the stream was cut or the client left."""
         sent, stalled = 0, False
         while True:
             item = await seq.tokens.get()
             if item in (CANCELLED, CUT):
                 if item == CUT:
                     responder.abort()
-                return
+                return None
             if self._reset_due(seq, sent, responder):
-                return
+                return None
             if not stalled and self.faults.stall_after_chunks == sent:
                 stalled = True
                 await self._stall(responder)
             if item == DONE or self.faults.ends_without_done(sent, at_end=False):
-                break
+                return sent
+            await send_token(item, sent)
+            sent += 1
+
+    async def _ended_without_done(self, seq: Sequence, responder: Responder, sent: int) -> bool:
+        """no_done: end the message cleanly, without the API's ending events."""
+        if not self.faults.ends_without_done(sent, at_end=True):
+            return False
+        await responder.end()
+        seq.delivered = True
+        self.stats.ended_without_done += 1
+        return True
+
+    async def _stream(self, seq: Sequence, gen: Generation, responder: Responder) -> None:
+        chunk = self._chunk_factory(gen)
+
+        async def send_token(item: int, sent: int) -> None:
             await self._open_stream(responder)
             await responder.send(sse(chunk(gen.shape.token_choice(gen.token(item), opening=sent == 0))))
-            sent += 1
+
+        sent = await self._send_tokens(seq, responder, send_token)
+        if sent is None:
+            return
         await self._open_stream(responder)
-        if self.faults.ends_without_done(sent, at_end=True):
-            await responder.end()
-            seq.delivered = True
-            self.stats.ended_without_done += 1
+        if await self._ended_without_done(seq, responder, sent):
             return
         if sent == 0 and (opening := gen.shape.opening_choice()) is not None:
             await responder.send(sse(chunk(opening)))
@@ -1006,26 +1023,12 @@ class Simulator:
 
     async def _stream_wire(self, seq: Sequence, gen: Generation, wire: Wire, responder: Responder) -> None:
         """`_stream` for the other APIs: one event (or line) per token, then that API's ending events."""
-        sent, stalled = 0, False
-        while True:
-            item = await seq.tokens.get()
-            if item in (CANCELLED, CUT):
-                if item == CUT:
-                    responder.abort()
-                return
-            if self._reset_due(seq, sent, responder):
-                return
-            if not stalled and self.faults.stall_after_chunks == sent:
-                stalled = True
-                await self._stall(responder)
-            if item == DONE or self.faults.ends_without_done(sent, at_end=False):
-                break
+
+        async def send_token(item: int, sent: int) -> None:
             await responder.send(wire.token(gen.token(item)))
-            sent += 1
-        if self.faults.ends_without_done(sent, at_end=True):
-            await responder.end()
-            seq.delivered = True
-            self.stats.ended_without_done += 1
+
+        sent = await self._send_tokens(seq, responder, send_token)
+        if sent is None or await self._ended_without_done(seq, responder, sent):
             return
         await responder.send(wire.end(gen.finish_reason, gen.prompt_tokens, seq.generated))
         await responder.end()
