@@ -29,6 +29,7 @@ from pathlib import Path
 
 from llmsim.control import free_port, start_simulator
 
+from .peers import NGINX_PRELUDE
 from .proxy import MitmProcess, start_mitmdump
 
 STARTUP_TIMEOUT = 10.0
@@ -110,16 +111,7 @@ def nginx_conf(ports: list[int], listen: int) -> str:
 # written by llmbench.cluster: round-robin over {len(ports)} llm-ha instances
 worker_processes auto;
 pid nginx.pid;
-error_log logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path tmp/body;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-    upstream llm_ha {{
+{NGINX_PRELUDE}    upstream llm_ha {{
 {servers}
         keepalive 64;
     }}

@@ -136,6 +136,19 @@ def llm_ha_profile(variant: str, s: Settings, fallback_url: str, ref: Reference 
     return profile_text(VARIANTS[variant], s.scale, fallback_url, ref)
 
 
+# What every nginx config of the benchmarks opens with: logs and temp files in its own prefix folder.
+NGINX_PRELUDE = """error_log logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+"""
+
+
 def nginx_conf(ref: Settings, primary_url: str, fallback_url: str, port: int,
                read_timeout: float | None = None) -> str:
     """nginx.conf for `nginx -p DIR`: everything relative to DIR, listening on 127.0.0.1 only.
@@ -152,16 +165,7 @@ def nginx_conf(ref: Settings, primary_url: str, fallback_url: str, port: int,
 # written by llmbench.peers: the reference profile mapped onto nginx (see llmbench.peers.MAPPINGS)
 worker_processes 1;
 pid nginx.pid;
-error_log logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path tmp/body;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-    upstream llm {{
+{NGINX_PRELUDE}    upstream llm {{
         server {hostport(primary_url)} max_fails={FAILURES_TO_EJECT} fail_timeout={max(1, round(ref.base_ejection_time))}s;
         server {hostport(fallback_url)} backup;
         keepalive 64;

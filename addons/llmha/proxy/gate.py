@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import functools
 import json
 import math
 import time
@@ -75,7 +76,7 @@ class LlmRequest:
         options = self.payload.get("stream_options")
         return isinstance(options, dict) and bool(options.get("include_usage"))
 
-    @property
+    @functools.cached_property
     def protocol(self) -> StreamProtocol | None:
         return protocol_for(self.path, self.payload)
 
@@ -88,7 +89,7 @@ class LlmRequest:
         protocol = self.protocol
         return protocol.streams(self.payload) if protocol is not None else self.payload.get("stream") is True
 
-    @property
+    @functools.cached_property
     def api(self) -> str | None:
         """The API the request speaks, as upstreams' `protocols` name it; None: unknown traffic."""
         return api_of(self.path, self.payload)
