@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint peers bench-overhead bench-soak bench-probe bench-spike bench-peers demo-cluster bench-cluster clean
+.PHONY: demo test lint peers bench-overhead bench-soak bench-probe bench-spike bench-budget bench-peers demo-cluster bench-cluster clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-probe: $(STAMP)
 
 bench-spike: $(STAMP)
 	$(PY) -m llmbench.bench_spike
+
+# The retry budget on and off, and hedging, on the spike: A, a two-node primary ejected at the document's
+# settings; B, a four-node primary kept in rotation (about 9 minutes; BENCH_ARGS="--scenario eject" for A).
+bench-budget: $(STAMP)
+	$(PY) -m llmbench.bench_budget $(BENCH_ARGS)
 
 # The gateways bench-peers compares with: nginx (Debian's package, needs root) and the LiteLLM proxy in
 # its own .venv-litellm. The tests never install them: without them the peers' smoke test skips.

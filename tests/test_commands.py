@@ -191,3 +191,28 @@ def test_bad_status_address_is_refused(loaded, caplog):
     addon.status_addon._running = True  # set live: refused, the running value stays
     with pytest.raises(exceptions.OptionsError, match="HOST:PORT"):
         tctx.configure(addon.status_addon, llm_ha_status="nonsense again")
+
+
+def test_one_model_s_entry_on_a_node_is_named_node_hash_model(tmp_path):
+    """`health_scope: model`: `llmha.eject NODE#MODEL` takes one model out on the node; restoring the node
+    ends its models' ejections too."""
+    path = tmp_path / "p.yaml"
+    path.write_text(PROFILE.replace('nodes: ["http://127.0.0.1:11"]', 'nodes: ["http://127.0.0.1:11"]\n'
+                                                                          '    health_scope: model'))
+    addon = Addons()
+    with taddons.context(*addon.all) as tctx:
+        tctx.configure(addon.loader, llm_ha_profile=str(path))
+        runtime = addon.loader.runtime
+        hosted = next(n for n in runtime.pool.nodes if n.upstream == "fallback")
+        runtime.candidates(model="model-a")  # a request for model-a made its entry
+        said = tctx.master.commands.execute('llmha.eject "fallback#model-a"')
+        assert said.splitlines() == ["fallback http://127.0.0.1:11#model-a: ejected by hand, as if it had failed (k grows)",
+                                     "  fallback http://127.0.0.1:11#model-a: ejected for 30s more, k=1"]
+        node = addon.status()["upstreams"][1]["nodes"][0]
+        assert node["state"] == "healthy" and node["models"]["model-a"]["state"] == "ejected"
+        assert [c.upstream.name for c in runtime.candidates(model="model-a")] == ["primary", "primary"]
+        assert [c.upstream.name for c in runtime.candidates(model="model-b")][-1] == "fallback"
+        tctx.command(addon.restore_command, "http://127.0.0.1:11")
+        assert runtime.pool.snapshot(hosted, runtime.pool.detector.started)["models"]["model-a"]["state"] == "healthy"
+        with pytest.raises(exceptions.CommandError, match="no node 'fallback#model-z'"):
+            tctx.command(addon.eject_command, "fallback#model-z")

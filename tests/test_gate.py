@@ -37,8 +37,11 @@ class Scripted:
     async def aread(self) -> bytes:
         return b"".join(self.chunks)
 
-    async def aclose(self) -> None:
+    def finish(self) -> None:
         self.is_closed = True
+
+    async def aclose(self) -> None:
+        self.finish()
 
 
 class Client:

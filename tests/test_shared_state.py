@@ -343,3 +343,40 @@ def test_after_redis_restarts_empty_an_instance_re_publishes_its_leases_and_ejec
 
     with RedisServer.start() as server:
         asyncio.run(scenario(server))
+
+
+# -- health per (node, model) (`health_scope: model`)
+
+def test_a_model_s_ejection_on_a_hosted_node_is_shared_under_its_own_key_and_leaves_the_node_in(redis_server):
+    """One instance's 429s on model-a eject model-a's entry on the hosted node; the other takes it on, making
+    the entry it did not have yet; the node and model-b stay in rotation on both."""
+    hosted = Upstream("fallback", (FALLBACK.url,), health_scope="model")
+    shared = Profile(path="models.yaml", shared_state=redis_server.url, probe=NO_PROBES,
+                     health_check=HealthCheck(interval=0.2, base_ejection_time=1.0, max_ejection_time=10.0),
+                     upstreams=(Upstream("primary", (PRIMARY.url,)), hosted))
+    model_a, model_b = FALLBACK.for_model("model-a"), FALLBACK.for_model("model-b")
+
+    async def attempt(pool: SharedNodePool, model: str, outcome: Outcome) -> None:
+        entry = pool.health_entry(FALLBACK, model, time.time())
+        lease = await pool.acquire(FALLBACK, time.time(), streamed=True, health=entry)
+        lease.release(outcome, time.time())
+
+    async def scenario() -> None:
+        async with instances(shared, 2) as (a, b):
+            await wait_for_interval_start(0.2)
+            await attempt(a.pool, "model-a", Outcome.RATE_LIMITED)
+            await attempt(b.pool, "model-b", Outcome.OK)
+            await until(lambda: model_a in b.pool.detector.monitors
+                        and b.pool.detector.monitors[model_a].is_ejected(time.time())
+                        and not a.pool.is_available(model_a, time.time()), "model-a out on both", 2.0)
+            for instance in (a, b):
+                assert instance.pool.is_available(FALLBACK, time.time())
+                assert instance.pool.health_entry(FALLBACK, "model-b", time.time()) == model_b
+                assert instance.pool.is_available(model_b, time.time())
+            [ejection] = a.ejections() + b.ejections()
+            assert (ejection.node, ejection.model, ejection.failure_rate) == (FALLBACK.url, "model-a", 100.0)
+            keys = await a.pool.store.client.keys(a.pool.store.state_key(FALLBACK) + "*")
+            assert sorted(keys) == [a.pool.store.state_key(FALLBACK), a.pool.store.state_key(model_a)]
+            assert a.pool.store.state_key(model_a).endswith("fallback http://127.0.0.1:2#model-a")
+
+    asyncio.run(scenario())

@@ -11,10 +11,10 @@ from llmha.addons.commands import Commands
 from llmha.addons.eventlog import EventLogAddon
 from llmha.addons.flowgate import FlowGate
 from llmha.addons.panel import PanelAddon
+from llmha.addons.replayreport import ReplayReport
 from llmha.addons.runtime import RuntimeLoader
 from llmha.addons.statusserver import StatusAddon
 from llmha.addons.streamview import StreamView
-from llmha.replay import ReplayEvaluator
 
 
 def make_addons() -> list:
@@ -29,5 +29,5 @@ def make_addons() -> list:
         PanelAddon(profile),  # llm_ha_panel: the live panel in mitmdump
         Commands(profile),  # llm_ha.status / eject / restore / reset
         StreamView(),  # the "LLM stream" content view
-        ReplayEvaluator(),  # llm_ha_replay_report: what-if evaluation of recordings read with -r
+        ReplayReport(),  # llm_ha_replay_report: what-if evaluation of recordings read with -r
     ]

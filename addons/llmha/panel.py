@@ -256,6 +256,8 @@ def _node_rows(upstreams: list[dict], profile: dict) -> Iterable[list[Renderable
         label = _upstream_label(upstream, profile)
         for index, node in enumerate(upstream.get("nodes") or []):
             yield [label if index == 0 else Text(""), *_node_cells(node, threshold, timeout)]
+            for model, entry in (node.get("models") or {}).items():  # `health_scope: model`: a row per model
+                yield [Text(""), *_model_cells(model, entry, threshold)]
 
 
 def _upstream_label(upstream: dict, profile: dict) -> Text:
@@ -278,6 +280,19 @@ def _node_cells(node: dict, threshold: float | None, timeout: float | None) -> l
         _shed_cell(node.get("shed")),
         _ttfb_cell(node.get("ttfb_p50_ms"), node.get("ttfb_p95_ms"), timeout),
         Sparkline(node.get("ttfb_history_ms") or [], timeout),
+    ]
+
+
+def _model_cells(model: str, entry: dict, threshold: float | None) -> list[RenderableType]:
+    """A model's health entry on the node above: its own state, k, ejections and failure rate."""
+    return [
+        Shrinkable(Text(f"  #{model}", no_wrap=True, overflow="ellipsis", style="dim"), minimum=12),
+        _state_cell(entry),
+        _number(entry.get("k")),
+        _number(entry.get("ejections")),
+        _failure_cell(entry.get("failure_rate"), threshold),
+        _rate(entry.get("requests_per_s")),
+        Text(""), Text(""), Text(""), Text(""),
     ]
 
 

@@ -632,7 +632,8 @@ def write_outputs(report: Report, json_path: str | Path | None, png_path: str | 
 # -- entry point (a): an addon evaluating the flows mitmdump reads with -r
 
 class ReplayEvaluator:
-    """Collects flows read from a file (not live) and, when mitmdump is done, evaluates them.
+    """Collects flows read from a file (not live) and, when mitmdump is done, evaluates them (for the
+    `ReplayReport` addon, which declares `llm_ha_replay_report` and makes this once a report is asked for).
 
         mitmdump -n -r traffic.flows -s addons/llm_ha.py --set llm_ha_profile=profiles/x.yaml \\
             --set llm_ha_replay_report=out.json
@@ -649,18 +650,8 @@ class ReplayEvaluator:
         self._profile_key: tuple | None = None
         self._match: flowfilter.TFilter | None = None
 
-    def load(self, loader) -> None:
-        loader.add_option("llm_ha_replay_report", str, "",
-                          "llm-ha: evaluate the flows read with -r against llm_ha_profile and write this JSON "
-                          "report (and a PNG timeline beside it); empty: off.")
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._collect(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._collect(flow)
-
-    def _collect(self, flow: http.HTTPFlow) -> None:
+    def collect(self, flow: http.HTTPFlow) -> None:
+        """A flow read from the recording (the addon `ReplayReport` passes each on, once a report is asked for)."""
         if flow.live or not ctx.options.llm_ha_replay_report or flow.id in self._seen:
             return
         if self.profile() is None:

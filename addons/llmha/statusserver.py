@@ -81,6 +81,10 @@ NODE_GAUGES: dict[str, tuple[str, Callable[[dict], float | None]]] = {
     "llm_ha_node_ttfb_p95_seconds": ("95th percentile time to first byte over the last minute",
                                      lambda n: _seconds(n["ttfb_p95_ms"])),
 }
+# The health metrics a model's entry on a node also has (`health_scope: model`), with a `model` label.
+MODEL_GAUGES = ("llm_ha_node_ejected", "llm_ha_node_k", "llm_ha_node_ejection_remaining_seconds",
+                "llm_ha_node_failure_ratio")
+MODEL_COUNTERS = ("llm_ha_node_attempts", "llm_ha_node_failures", "llm_ha_node_ejections")
 NODE_COUNTERS = {  # metric (exposed with `_total`) -> (help, status key)
     "llm_ha_node_attempts": ("Finished upstream attempts", "requests"),
     "llm_ha_node_failures": ("Failed upstream attempts", "failures"),
@@ -151,8 +155,20 @@ def _node_metrics(status: dict) -> Iterator[GaugeMetricFamily | CounterMetricFam
                     gauges[name].add_metric(labels, value)
             for name, (_, key) in NODE_COUNTERS.items():
                 counters[name].add_metric(labels, node.get(key) or 0)
+            for model, entry in (node.get("models") or {}).items():
+                _add_model_samples(gauges, counters, {"upstream": upstream["name"], "node": node["url"], "model": model},
+                                   entry)
     yield from gauges.values()
     yield from counters.values()
+
+
+def _add_model_samples(gauges: dict[str, GaugeMetricFamily], counters: dict[str, CounterMetricFamily],
+                       labels: dict[str, str], entry: dict) -> None:
+    """One model's entry on a node: the node's health metrics, with the `model` label added."""
+    for name in MODEL_GAUGES:
+        gauges[name].add_sample(name, labels, NODE_GAUGES[name][1](entry))
+    for name in MODEL_COUNTERS:
+        counters[name].add_sample(name + "_total", labels, entry.get(NODE_COUNTERS[name][1]) or 0)
 
 
 def _seconds(milliseconds: float | None) -> float | None:

@@ -19,7 +19,8 @@ The parts (`--only`, comma-separated):
   started evenly over the first second: TTFT p50/p99, inter-token gap p99, proxy CPU %, errors;
 * per-request: short streamed requests (16 tokens) one after another on a keep-alive connection:
   TTFT, the TTFT each proxy adds to the direct path's, proxy CPU per request;
-* startup: from launching mitmdump (bare, or with llm-ha and a profile) to the first proxied answer.
+* startup: from launching mitmdump (bare, or with llm-ha and a profile) to the first proxied answer
+  (llm-ha's modules compiled to bytecode first, as an installed package has them).
 
 Each figure is printed as the median over the rounds with [min-max], and as the ratio llm-ha /
 mitmdump (the median of the per-round ratios, [min-max]); then the issue's targets, the proxies'
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import itertools
 import json
@@ -580,6 +582,9 @@ async def first_answer(proxy: MitmProcess, deadline: float) -> float:
 
 
 def part_startup(sizes: Sizes, results: Results, machine: Machine, fallback: str, workdir: Path) -> None:
+    # llm-ha's modules compiled to bytecode first, as mitmproxy's are and as `pip install` leaves an
+    # installed llm-ha: a machine with PYTHONDONTWRITEBYTECODE would otherwise compile them at every start.
+    compileall.compile_dir(REPO / "addons" / "llmha", quiet=1)
     with simulator(machine, "--no-physics") as sim:
         for round_ in range(-1, sizes.startup_rounds):  # round -1: the CA is made and files are cached
             for path in PROXIES:

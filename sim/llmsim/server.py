@@ -404,6 +404,7 @@ class Engine:
 @dataclass
 class Stats:
     requests: int = 0
+    by_route: Counter = field(default_factory=Counter)  # "POST /v1/chat/completions": requests, probes apart
     by_status: Counter = field(default_factory=Counter)
     completed: int = 0
     client_disconnects: int = 0
@@ -871,6 +872,7 @@ class Simulator:
 
     def _note_request(self, request: Request, body: Any) -> None:
         self.stats.requests += 1
+        self.stats.by_route[f"{request.method} {request.path}"] += 1
         self.stats.last_request = {
             "method": request.method,
             "path": request.path,
@@ -1172,6 +1174,7 @@ class Simulator:
             "restart_at": self.restart_at,
             "time_scale": self.clock.scale,
             "requests": self.stats.requests,
+            "by_route": dict(self.stats.by_route),
             "by_status": dict(self.stats.by_status),
             "completed": self.stats.completed,
             "in_flight": len(self.active),

@@ -40,8 +40,8 @@ class Commands:
 
     @command.command("llmha.eject")
     def eject_command(self, node: str, duration: str = "") -> str:
-        """Take NODE (a URL, an upstream name, or 'upstream URL') out of rotation. Without DURATION as if
-        it had failed (k grows); with one (90s, 10m, 1h) for that long, leaving k as it is (a drain)."""
+        """Take NODE (a URL, an upstream name, or 'upstream URL'; one model on it: NODE#MODEL) out of rotation.
+        Without DURATION as if it had failed (k grows); with one (90s, 10m, 1h) for that long, k as it is."""
         runtime = self.loader.need_runtime()
         nodes = runtime.find_nodes(node)
         now = time.time()
@@ -58,7 +58,8 @@ class Commands:
 
     @command.command("llmha.restore")
     def restore_command(self, node: str) -> str:
-        """End the ejection of NODE (a URL, an upstream name, or 'upstream URL') now; k stays as it is."""
+        """End the ejection of NODE (a URL, an upstream name, or 'upstream URL'; with its models' entries;
+        one model's alone: NODE#MODEL) now; k stays as it is."""
         runtime = self.loader.need_runtime()
         nodes = runtime.find_nodes(node)
         now = time.time()
@@ -86,7 +87,9 @@ def _report(runtime: Runtime, nodes: list[NodeId], now: float, done: str) -> str
     """`primary http://127.0.0.1:8001: ejected by hand ...` then each node's state now."""
     lines = [f"{', '.join(map(str, nodes))}: {done}"]
     for node in nodes:
-        snapshot = runtime.pool.snapshot(node, now)
+        snapshot = runtime.pool.snapshot(node.node, now)
+        if node.model:  # a model's entry on the node (`health_scope: model`)
+            snapshot = snapshot["models"][node.model]
         left = f" for {snapshot['ejected_remaining_s']:.0f}s more" if snapshot["state"] == "ejected" else ""
         lines.append(f"  {node}: {snapshot['state']}{left}, k={snapshot['k']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -75,7 +76,8 @@ class FlowGate:
         request = LlmRequest.parse_body(flow.request.method, flow.request.path, headers, flow.request.raw_content)
         result = GateResult()
         try:
-            finished = await self.client_watch.run(flow, runtime.gate.run(request, runtime.candidates(request.api), result))
+            candidates = runtime.candidates(request.api, request.payload.get("model"))
+            finished = await self.client_watch.run(flow, runtime.gate.run(request, candidates, result))
         except Exception:  # a bug of ours must not send the flow on unguarded: answer with an error
             logger.exception("llm-ha: the gate failed on this request")
             result = GateResult(answer=internal_error_answer())
@@ -98,7 +100,7 @@ class FlowGate:
             relay = Relay(result.stream, extra)
             protocol = request.protocol
             if protocol is not None:
-                relay.follower = StreamFollower(protocol, usage_wanted=request.wants_usage)
+                relay.follower = StreamFollower(protocol, usage_wanted=request.wants_usage, lazy=True)
                 relay.resume = runtime.resumer(request, result.attempts)
             path = runtime.handoff.register(relay)
             _handoffs[flow.id] = _Handoff(flow.request, path, result.attempts, runtime)
@@ -165,45 +167,51 @@ class ClientWatch:
 
     mitmproxy does not cancel a `request` hook when the client leaves; it notices only once the hook
     returns. Until then the one sign is the client connection losing `CAN_READ` (its reader saw the
-    end), so a single task looks at every gated flow's client connection every `CLIENT_CHECK_S`.
-    HTTP/2 clients that reset one stream but keep the connection are not noticed.
+    end), so a timer looks at every gated flow's client connection every `CLIENT_CHECK_S` while any is
+    gated. The gate runs in the hook's own task (no task of its own per request): a departed client's
+    hook task is cancelled, and the cancellation is taken back (`uncancel`) once the gate has stopped,
+    so that the hook returns normally to mitmproxy. HTTP/2 clients that reset one stream but keep the
+    connection are not noticed.
     """
 
     def __init__(self) -> None:
         self._gated: dict[asyncio.Task, http.HTTPFlow] = {}
-        self._ticker: asyncio.Task | None = None
+        self._left: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run(self, flow: http.HTTPFlow, gate: Coroutine) -> bool:
         """Run `gate` while the client stays: True when it finished, False when the client left (it was cancelled)."""
-        task = asyncio.ensure_future(gate)
-        if flow.client_conn.state & ConnectionState.CAN_READ:  # else a connection of unknown kind: not watched
+        task = asyncio.current_task()
+        if task is not None and flow.client_conn.state & ConnectionState.CAN_READ:  # else: a connection of unknown kind
             self._gated[task] = flow
-            if self._ticker is None:
-                self._ticker = asyncio.create_task(self._watch())
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(CLIENT_CHECK_S, self._check)
         try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:  # the hook itself is cancelled (mitmproxy shuts down)
-            task.cancel()
-            raise
+            await gate
+        except asyncio.CancelledError:
+            if task not in self._left:  # the hook itself is cancelled (mitmproxy shuts down)
+                raise
+            return False
         finally:
             self._gated.pop(task, None)
-        if task.cancelled():
-            return False
-        task.result()  # raises what the gate raised
+            if task in self._left:
+                self._left.discard(task)
+                task.uncancel()
         return True
 
     def stop(self) -> None:
-        if self._ticker:
-            self._ticker.cancel()
-            self._ticker = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    async def _watch(self) -> None:
-        while self._gated:
-            await asyncio.sleep(CLIENT_CHECK_S)
-            for task, flow in list(self._gated.items()):
-                if not flow.client_conn.state & ConnectionState.CAN_READ:
-                    task.cancel()
-        self._ticker = None
+    def _check(self) -> None:
+        self._timer = None
+        for task, flow in list(self._gated.items()):
+            if task not in self._left and not flow.client_conn.state & ConnectionState.CAN_READ:
+                self._left.add(task)
+                task.cancel()
+        if self._gated:
+            self._timer = asyncio.get_running_loop().call_later(CLIENT_CHECK_S, self._check)
 
 
 def _abandon(flow: http.HTTPFlow, runtime: Runtime, result: GateResult) -> None:
@@ -289,6 +297,7 @@ def _name_server(flow: http.HTTPFlow, node_url: str) -> None:
     address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
     if flow.server_conn.address == address:
         return
-    state = flow.server_conn.get_state()
-    state["address"] = state["peername"] = address  # the node's IP is unknown for a host name: show the name
-    flow.server_conn = connection.Server.from_state(state)
+    shown = copy.copy(flow.server_conn)
+    # Past `Server.__setattr__`, which refuses a new address on an open connection: this copy is never connected.
+    shown.__dict__["address"] = shown.__dict__["peername"] = address  # for a host name, the name stands for the IP
+    flow.server_conn = shown

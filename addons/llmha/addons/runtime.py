@@ -104,10 +104,11 @@ class Runtime:
         await self.handoff.stop()
         await self.client.aclose()
 
-    def candidates(self, api: str | None = None) -> list[Candidate]:
+    def candidates(self, api: str | None = None, model: object = None) -> list[Candidate]:
         """The request's candidates; for a request speaking `api`, only upstreams whose `protocols` list it
-        (same-protocol failover). If none does, the primary, as if llm-ha did not know the API."""
-        candidates = self.picker.candidates(self.pool, time.time())
+        (same-protocol failover). If none does, the primary, as if llm-ha did not know the API. `model`
+        (the request body's) picks the health entries of upstreams with `health_scope: model`."""
+        candidates = self.picker.candidates(self.pool, time.time(), model)
         if api is None:
             return candidates
         speaking = [c for c in candidates if api in c.upstream.protocols]
@@ -162,7 +163,7 @@ class Runtime:
         async def resume(relay: Relay, broken: OpenStream, outcome: Outcome) -> OpenStream | None:
             answer = relay.follower.answer
             plan = plan_resume(relay.follower.protocol, answer, request.payload)
-            candidates = [c for c in self.candidates(request.api)
+            candidates = [c for c in self.candidates(request.api, request.payload.get("model"))
                           if c.upstream.resume != "off" and c.node != broken.candidate.node]
             if not plan.possible or not candidates:
                 relay.why_not_resumed = plan.reason or "no upstream may resume it (resume: off)"
@@ -189,9 +190,13 @@ class Runtime:
                     f"{events} events; resumed on {to.upstream.name} {to.node.url}")
 
     def find_nodes(self, name: str) -> list[NodeId]:
-        """Nodes named by URL, by upstream name, or as `upstream URL`."""
+        """Nodes named by URL, by upstream name, or as `upstream URL`; a model's health entry on a node
+        (`health_scope: model`) as any of these followed by `#model`."""
         nodes = list(self.pool.nodes)
-        found = [n for n in nodes if name in (n.url, n.upstream, str(n), f"{n.upstream}/{n.url}")]
+        named, _, model = name.partition("#")
+        found = [n for n in nodes if named in (n.url, n.upstream, str(n), f"{n.upstream}/{n.url}")]
+        if model:
+            found = [e for n in found for e in self.pool.model_entries(n) if e.model == model]
         if not found:
             known = ", ".join(str(n) for n in nodes)
             raise exceptions.CommandError(f"llm-ha: no node {name!r} (known: {known})")
@@ -212,7 +217,7 @@ class Runtime:
 
     def _on_health_event(self, event: HealthEvent) -> None:
         e = event.to_dict()
-        where = f"{e['upstream']} {e['node']}"
+        where = f"{e['upstream']} {e['node']}" + (f"#{event.model}" if event.model else "")  # a model's entry
         if e["action"] == "eject":
             why = f"failure rate {e['failure_rate']:.0f}%" if e["failure_rate"] is not None else "by hand"
             logger.warning(f"llm-ha: ejected {where} for {e['duration_s']:g}s (k={e['k']}, {why})")

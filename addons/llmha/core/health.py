@@ -5,6 +5,9 @@ interval clock, and reports every state change through a callback. Nothing here 
 does I/O: every call takes `now` (unix seconds), so tests drive time exactly and a recording can be
 replayed on its own timestamps. Latency statistics live beside it (`latency.py`), not in it.
 
+A monitored "node" is a `NodeId`: a node, or one model's entry on a node (`health_scope: model`,
+`nodes.py`), made with `add` and dropped with `remove`; the rules are the same for both.
+
 The rules, per node:
 - attempt outcomes are counted per interval; intervals are aligned to the detector's start;
 - at each interval boundary a node that is in rotation, with at least `min_requests` finished
@@ -44,11 +47,13 @@ class HealthEvent:
     duration_s: float | None = None
     failure_rate: float | None = None
     by: str | None = None  # "hand": caused by an operator command
+    model: str | None = None  # a model's entry on the node (`health_scope: model`), not the node's own
 
     def to_dict(self) -> dict:
         event = asdict(self)
-        if self.by is None:
-            del event["by"]
+        for optional in ("by", "model"):
+            if event[optional] is None:
+                del event[optional]
         return event
 
 
@@ -109,9 +114,12 @@ class NodeMonitor:
         return self.ejection_k if self.ejected_until is not None else self.next_k
 
     def record(self, outcome: Outcome) -> None:
+        self.count(outcome.failed)
+
+    def count(self, failed: bool) -> None:
         self.requests += 1
         self.bucket_total += 1
-        if outcome.failed:
+        if failed:
             self.failures += 1
             self.bucket_failed += 1
 
@@ -201,7 +209,12 @@ class NodeMonitor:
     def _event(self, ts: float, action: str, k: int, duration: float | None = None,
                failure_rate: float | None = None, by: str | None = None) -> HealthEvent:
         return HealthEvent(ts=ts, action=action, upstream=self.node.upstream, node=self.node.url, k=k,
-                           duration_s=duration, failure_rate=failure_rate, by=by)
+                           duration_s=duration, failure_rate=failure_rate, by=by, model=self.node.model or None)
+
+    @property
+    def blank(self) -> bool:
+        """Holds nothing worth keeping: in rotation, k = 1, no attempts in the open interval."""
+        return self.ejected_until is None and self.next_k == 1 and self.bucket_total == 0
 
 
 class OutlierDetector:
@@ -240,9 +253,21 @@ class OutlierDetector:
                 self._skip_empty_intervals(min(now, timer))
 
     def record(self, node: NodeId, outcome: Outcome, now: float) -> None:
+        self.count(node, outcome.failed, now)
+
+    def count(self, node: NodeId, failed: bool, now: float) -> None:
+        """One finished attempt on `node` (a node, or a model's entry on one), failed or not."""
         self.advance(now)
-        self.monitors[node].record(outcome)
+        self.monitors[node].count(failed)
         self._recorded_since_close = True
+
+    def add(self, node: NodeId, now: float) -> NodeMonitor:
+        """A new entry (a model's on a node), in rotation with k = 1; counted from now, judged with the rest."""
+        monitor = self.monitors[node] = self.new_monitor(node, now)
+        return monitor
+
+    def remove(self, node: NodeId) -> None:
+        del self.monitors[node]
 
     def is_available(self, node: NodeId, now: float) -> bool:
         self.advance(now)
@@ -290,7 +315,7 @@ class OutlierDetector:
         self.advance(now)
         self.monitors = {node: self.new_monitor(node, now) for node in self.monitors}
         for node in self.monitors:
-            self._report(HealthEvent(now, "reset", node.upstream, node.url, k=1, by="hand"))
+            self._report(HealthEvent(now, "reset", node.upstream, node.url, k=1, by="hand", model=node.model or None))
 
     def _report(self, event: HealthEvent) -> None:
         if self.listener:

@@ -16,6 +16,19 @@ when the pool next advances, so that a node it hangs on is judged in that interv
 
 The gate depends only on the `Leases` and `Lease` protocols, so a store shared between instances
 can stand in for this in-process pool.
+
+Health scope (an upstream's `health_scope`). `node` (the default; a self-hosted server): the node is
+one unit, every outcome counts against it. `model` (a hosted API serving many models behind one URL,
+each with its own rate limits): the model a request is sent (the upstream's `model`, else the
+client's) has its own health entry on the node, a `NodeId` with that `model`, judged by the detector
+like a node, so a model out on a node leaves that node in rotation for the others. The node's own
+entry still takes every attempt, but counts as failures only the endpoint's (`ENDPOINT_FAILURES`: it
+could not be reached); an answer that fails (5xx, 429, a timeout, a broken stream) is the model's.
+Capacity (limits, leases, in-flight, latency) and active probing stay the node's: a model's entry
+returns when its ejection ends. Client-chosen names must not grow the state without bound: a node has
+at most `MAX_MODELS_PER_NODE` model entries; a new model then takes the place of a blank one (in
+rotation, k = 1, nothing counted in the open interval), or, if there is none, is judged with the
+node's own entry, as are names longer than `MAX_MODEL_NAME`.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ from .profile import Profile, Upstream
 from .types import NodeId, Outcome
 
 OVERDUE_CHECK_S = 0.1  # how often `advance` looks for attempts held long past their limit
+MAX_MODELS_PER_NODE = 32  # model entries a node may hold (`health_scope: model`); see the module's docstring
+MAX_MODEL_NAME = 200
+ENDPOINT_FAILURES = frozenset({Outcome.CONNECT_ERROR, Outcome.RESET})  # the node's, whatever the model
 
 
 class Lease(Protocol):
@@ -45,8 +61,9 @@ class Lease(Protocol):
 
 class Leases(Protocol):
     async def acquire(self, node: NodeId, now: float, *, streamed: bool,
-                      over_limit: bool = False) -> Lease | None:
-        """A lease on `node`, or None when it is at its limit (unless `over_limit`)."""
+                      over_limit: bool = False, health: NodeId | None = None) -> Lease | None:
+        """A lease on `node`, or None when it is at its limit (unless `over_limit`); its outcome is judged
+        by the health entry `health` (a model's on the node), else by the node's own."""
 
 
 class Node:
@@ -84,22 +101,15 @@ class Node:
     def snapshot(self, now: float, interval: float) -> dict:
         m = self.monitor
         p50, p95 = self.latency.percentiles(now)
-        ejected = m.is_ejected(now)
+        health = health_snapshot(m, now, interval)
         return {
             "url": self.id.url,
-            "state": "ejected" if ejected else "healthy",
-            "k": m.k,
-            "ejections": m.ejections,
-            "ejected_remaining_s": round(max(0.0, m.ejected_until - now), 3) if ejected and m.ejected_until else 0.0,
+            **health,
             "awaiting_probe": m.held,
             "half_open": self.half_open,
-            "failure_rate": round(_shown_failure_rate(m, ejected), 2),
-            "requests": m.requests,
             "inflight": self.inflight,
             "ttfb_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "ttfb_p95_ms": None if p95 is None else round(p95 * 1000, 1),
-            "failures": m.failures,
-            "requests_per_s": round(m.last_interval_requests / interval, 2),
             "ttfb_history_ms": self.latency.history(now),
             "limit": self.limiter.limit(now),
             "shed": self.shed,
@@ -109,6 +119,21 @@ class Node:
             "probes": self.probes,
             "probe_failures": self.probe_failures,
         }
+
+
+def health_snapshot(m: NodeMonitor, now: float, interval: float) -> dict:
+    """What one health entry (a node's own, or a model's on it) shows in `/status`."""
+    ejected = m.is_ejected(now)
+    return {
+        "state": "ejected" if ejected else "healthy",
+        "k": m.k,
+        "ejections": m.ejections,
+        "ejected_remaining_s": round(max(0.0, m.ejected_until - now), 3) if ejected and m.ejected_until else 0.0,
+        "failure_rate": round(_shown_failure_rate(m, ejected), 2),
+        "requests": m.requests,
+        "failures": m.failures,
+        "requests_per_s": round(m.last_interval_requests / interval, 2),
+    }
 
 
 def _shown_failure_rate(monitor: NodeMonitor, ejected: bool) -> float:
@@ -130,6 +155,7 @@ class NodePool:
         self.nodes: dict[NodeId, Node] = {
             i: Node(i, upstreams[i.upstream], self.detector.monitors[i]) for i in ids}
         self._set_probing()
+        self._models: dict[NodeId, list[NodeId]] = {i: [] for i in ids}  # each node's model entries
         self._awaiting_verdict: set[LocalLease] = set()  # leases whose attempt has not been judged yet
         self._next_overdue_check = now
 
@@ -139,26 +165,82 @@ class NodePool:
     def __getitem__(self, node: NodeId) -> Node:
         return self.nodes[node]
 
-    def try_acquire(self, node: NodeId, now: float, *, streamed: bool, over_limit: bool = False) -> LocalLease | None:
+    def try_acquire(self, node: NodeId, now: float, *, streamed: bool, over_limit: bool = False,
+                    health: NodeId | None = None) -> LocalLease | None:
         target = self.nodes[node]
         if not over_limit and not target.has_room(now):
             target.shed += 1
             return None
         target.inflight += 1
-        lease = LocalLease(self, target, streamed, overdue_at=now + self._overdue_after(target.upstream, streamed))
+        lease = LocalLease(self, target, streamed, overdue_at=now + self._overdue_after(target.upstream, streamed),
+                           health=health)
         self._awaiting_verdict.add(lease)
         return lease
 
-    async def acquire(self, node: NodeId, now: float, *, streamed: bool, over_limit: bool = False) -> LocalLease | None:
-        return self.try_acquire(node, now, streamed=streamed, over_limit=over_limit)
+    async def acquire(self, node: NodeId, now: float, *, streamed: bool, over_limit: bool = False,
+                      health: NodeId | None = None) -> LocalLease | None:
+        return self.try_acquire(node, now, streamed=streamed, over_limit=over_limit, health=health)
 
     def is_available(self, node: NodeId, now: float) -> bool:
+        """`node` (a node, or a model's entry on one) is in rotation."""
         return self.detector.is_available(node, now)
 
-    def record(self, node: NodeId, outcome: Outcome, ttfb_s: float | None, now: float, streamed: bool) -> None:
-        """One counted outcome of an attempt on `node`: for the detector, the limiter and the latency."""
-        self.detector.record(node, outcome, now)
-        self.nodes[node].observe(outcome, ttfb_s, now, streamed)
+    def health_entry(self, node: NodeId, requested_model: object, now: float) -> NodeId:
+        """The health entry judging an attempt on `node` for a request that names `requested_model`.
+
+        The node itself, unless its upstream's `health_scope` is `model`: then the entry of the model the
+        upstream is sent, created on first use, within `MAX_MODELS_PER_NODE` (see the module's docstring).
+        """
+        upstream = self.nodes[node].upstream
+        model = upstream.model or requested_model
+        if upstream.health_scope != "model" or not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_NAME:
+            return node
+        entry = node.for_model(model)
+        if entry in self.detector.monitors:
+            return entry
+        entries = self._models[node]
+        if len(entries) >= MAX_MODELS_PER_NODE:
+            blank = next((e for e in entries if self.detector.monitors[e].blank), None)
+            if blank is None:
+                return node  # every entry holds state: this model is judged with the node's own
+            self._forget(blank)
+        entries.append(entry)
+        self.detector.add(entry, now)
+        return entry
+
+    def model_entries(self, node: NodeId) -> list[NodeId]:
+        return list(self._models.get(node, ()))
+
+    def _forget(self, entry: NodeId) -> None:
+        """Drop a blank model entry to make room for another."""
+        self._models[entry.node].remove(entry)
+        self.detector.remove(entry)
+
+    def back_at(self, entry: NodeId) -> float:
+        """When `entry` (and its node) is back in rotation by its timers, as far as known; 0: in rotation."""
+        monitors = self.detector.monitors
+        ends = [monitors[e].ejected_until for e in {entry, entry.node} if e in monitors]
+        return max((end for end in ends if end is not None), default=0.0)
+
+    def record(self, entry: NodeId, outcome: Outcome, ttfb_s: float | None, now: float, streamed: bool) -> None:
+        """One counted outcome of an attempt judged by `entry` (a node, or a model's entry on one): for the
+        detector, and for the node's limiter and latency."""
+        for judged, failed in self._verdicts(entry, outcome, now):
+            self._count(judged, failed, now)
+        self.nodes[entry.node].observe(outcome, ttfb_s, now, streamed)
+
+    def _verdicts(self, entry: NodeId, outcome: Outcome, now: float) -> list[tuple[NodeId, bool]]:
+        """Which entries an outcome counts on, failed or not (see the module's docstring)."""
+        if entry.model and entry not in self.detector.monitors:  # dropped while the attempt ran
+            entry = self.health_entry(entry.node, entry.model, now)
+        if not entry.model:
+            return [(entry, outcome.failed)]
+        if outcome in ENDPOINT_FAILURES:
+            return [(entry.node, True)]
+        return [(entry.node, False), (entry, outcome.failed)]
+
+    def _count(self, entry: NodeId, failed: bool, now: float) -> None:
+        self.detector.count(entry, failed, now)
 
     def advance(self, now: float) -> None:
         if now >= self._next_overdue_check:
@@ -183,7 +265,9 @@ class NodePool:
         self.detector.drain(node, now, duration)
 
     def restore(self, node: NodeId, now: float) -> None:
-        self.detector.restore(node, now)
+        """End the ejection of `node` now; of a node: of its model entries too."""
+        for entry in [node, *self._models.get(node, ())]:
+            self.detector.restore(entry, now)
 
     def reset(self, now: float) -> None:
         """Every node back in rotation with k = 1 and fresh counters; leases in flight stay held."""
@@ -206,7 +290,13 @@ class NodePool:
 
     def snapshot(self, node: NodeId, now: float) -> dict:
         self.advance(now)
-        return self.nodes[node].snapshot(now, self.profile.health_check.interval)
+        target = self.nodes[node]
+        interval = self.profile.health_check.interval
+        snap = target.snapshot(now, interval)
+        if target.upstream.health_scope == "model":
+            snap["models"] = {e.model: health_snapshot(self.detector.monitors[e], now, interval)
+                              for e in self._models[node]}
+        return snap
 
     def _on_health_event(self, event: HealthEvent) -> None:
         self._node_follows(event)
@@ -215,7 +305,7 @@ class NodePool:
 
     def _node_follows(self, event: HealthEvent) -> None:
         """What the node itself takes from a health event: a return restarts its limit (slow start)."""
-        if event.action == "uneject":
+        if event.action == "uneject" and event.model is None:  # a model's return: its node never left
             node = self.nodes[NodeId(event.upstream, event.node)]
             node.limiter.returned(event.ts)
             node.half_open = self.profile.probe.enabled and event.by != "hand"
@@ -224,10 +314,12 @@ class NodePool:
 class LocalLease:
     """A lease in one process's pool; see the module's docstring for what each call counts."""
 
-    def __init__(self, pool: NodePool, node: Node, streamed: bool, overdue_at: float = math.inf) -> None:
+    def __init__(self, pool: NodePool, node: Node, streamed: bool, overdue_at: float = math.inf,
+                 health: NodeId | None = None) -> None:
         self._pool = pool
         self._node = node
         self.node = node.id
+        self.health = health or node.id  # the entry its outcome counts on: the node's, or a model's on it
         self.streamed = streamed
         self.overdue_at = overdue_at  # no verdict by then: counted as a timeout while still held
         self._judged = False
@@ -265,4 +357,4 @@ class LocalLease:
 
     def _count(self, outcome: Outcome, ttfb_s: float | None, now: float) -> None:
         if not outcome.ignored:
-            self._pool.record(self.node, outcome, ttfb_s, now, self.streamed)
+            self._pool.record(self.health, outcome, ttfb_s, now, self.streamed)

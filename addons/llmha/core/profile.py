@@ -80,6 +80,8 @@ class Upstream:
     request_deadline: float | None = None  # total time on one request's attempts before its first byte
     failover_on: tuple[str, ...] = ()  # 4xx error codes (or types) that move the request to the next upstream
     max_attempts: int = 3  # attempts one request may make on this upstream's nodes
+    health_scope: str = "node"  # HEALTH_SCOPES: what one health entry covers, the node or a model on it
+    hedge_after: float | None = None  # no first token by then: the next candidate starts too (None: off)
 
 
 @dataclass(frozen=True)
@@ -110,13 +112,15 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 _TOP_KEYS = {"match", "first_byte_timeout", "request_timeout", "stream_idle_timeout", "health_check", "upstreams",
              "transparent_failover", "shared_state", "request_deadline", "retry_after_max", "retry_budget",
-             "max_attempts_per_upstream", "probe"}
+             "max_attempts_per_upstream", "probe", "hedge_after"}
 _HEALTH_KEYS = {f for f in HealthCheck.__dataclass_fields__}
 _UPSTREAM_KEYS = {"name", "nodes", "api_key", "model", "first_byte_timeout", "request_timeout", "max_inflight",
                   "adaptive", "min_inflight", "slow_start", "stream_idle_timeout", "resume", "request_deadline",
-                  "failover_on", "max_attempts_per_upstream", "auth", "protocols"}
+                  "failover_on", "max_attempts_per_upstream", "auth", "protocols", "hedge_after",
+                  "health_scope"}
 RESUME_MODES = ("off", "prefill", "prefill-vllm", "prefill-deepseek")
 AUTH_MODES = ("bearer", "x-api-key", "api-key")
+HEALTH_SCOPES = ("node", "model")  # node: one unit (a self-hosted server); model: per (node, model) (a hosted API)
 
 
 SHARED_STATE_SCHEMES = ("redis", "rediss", "unix")
@@ -174,6 +178,7 @@ def parse_profile(data: Any, path: str, env: Mapping[str, str], reverse_target: 
         "stream_idle_timeout": reader.duration(top, "stream_idle_timeout", 20.0),
         "request_deadline": reader.optional_duration(top, "request_deadline", None),
         "max_attempts_per_upstream": reader.positive_int(top, "max_attempts_per_upstream", "") or 3,
+        "hedge_after": reader.optional_duration(top, "hedge_after", None),
     }
     upstream_list = top.get("upstreams")
     if not isinstance(upstream_list, list) or not upstream_list:
@@ -274,8 +279,20 @@ class _Reader:
                           or defaults["max_attempts_per_upstream"]),
             auth=self.choice(section, "auth", AUTH_MODES, key),
             protocols=self.protocols(section, key),
+            health_scope=self.choice(section, "health_scope", HEALTH_SCOPES, key),
+            hedge_after=self.hedge_after(section, key, defaults),
             **self.limits(section, key),
         )
+
+    def hedge_after(self, section: dict, key: str, defaults: dict) -> float | None:
+        """Shorter than the upstream's first-byte timeout, or it would never fire."""
+        value = self.optional_duration(section, "hedge_after", defaults["hedge_after"], key + ".")
+        timeout = self.duration(section, "first_byte_timeout", defaults["first_byte_timeout"], key + ".")
+        if value is not None and value >= timeout:
+            where = f"{key}.hedge_after" if "hedge_after" in section else "hedge_after"
+            raise self.fail(where, f"{value:g}s is not shorter than {key}'s first_byte_timeout {timeout:g}s: "
+                                   "it would never fire")
+        return value
 
     def codes(self, section: dict, name: str, key: str) -> tuple[str, ...]:
         value = section.get(name, [])

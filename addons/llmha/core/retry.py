@@ -30,6 +30,8 @@ class Pacing:
         self._not_before: dict[NodeId, float] = {}
 
     def note(self, node: NodeId, retry_after_s: float, now: float) -> None:
+        if len(self._not_before) >= 256:  # keyed by model entries too (`health_scope: model`): keep it small
+            self._not_before = {n: t for n, t in self._not_before.items() if t > now}
         self._not_before[node] = max(self._not_before.get(node, 0.0), now + retry_after_s)
 
     def wait_s(self, node: NodeId, now: float) -> float:

@@ -63,35 +63,90 @@ class StreamFollower:
     `feed` passes on only whole events, so a stream broken mid-event never leaves half an event with
     the client, and it stops before an in-band error event, which the client must not see if the
     answer is continued elsewhere.
+
+    `lazy`: an event is parsed only when it may end the stream (the protocol's `urgent` events: its
+    end, an error) or when `answer` is asked for (after a break); the others are kept as they came, up
+    to `LAZY_BYTES`, so a stream that ends well costs a scan for event boundaries, not a JSON parse per
+    event. The gate follows eagerly: it must know when the first token comes.
     """
 
-    def __init__(self, protocol: StreamProtocol, usage_wanted: bool = False) -> None:
+    LAZY_BYTES = 256 * 1024  # raw events kept unparsed per stream; beyond, they are parsed and dropped
+
+    def __init__(self, protocol: StreamProtocol, usage_wanted: bool = False, lazy: bool = False) -> None:
         self.protocol = protocol
-        self.answer = Answer(usage_wanted=usage_wanted)
+        self.lazy = lazy
+        self._answer = Answer(usage_wanted=usage_wanted)
         self.progressed = False  # the last `feed` completed a data event (comments are not progress)
         self._buffer = b""
+        self._unread: list[bytes] = []  # data events not parsed yet (lazy)
+        self._unread_bytes = 0
+
+    @property
+    def answer(self) -> Answer:
+        """What the client has of the answer, every event parsed."""
+        self._catch_up()
+        return self._answer
+
+    @property
+    def done(self) -> bool:
+        """The protocol's end arrived (known without parsing every event)."""
+        return self._answer.done
+
+    @property
+    def failed(self) -> bool:
+        """An in-band error event arrived (it was not passed on)."""
+        return self._answer.error is not None
 
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from the upstream; return those the client may have now."""
-        buffer = self._buffer + chunk
-        answer, forward = self.answer, 0
+        buffer = self._buffer + chunk if self._buffer else chunk
+        protocol, forward = self.protocol, 0
         self.progressed = False
-        for match in self.protocol.boundary.finditer(buffer):
-            data = self.protocol.data_of(buffer[forward:match.start()])
-            if data is not None:
-                if data.strip() == DONE:
-                    answer.done = True
-                else:
-                    self.protocol.follow(answer, data)
-                    if answer.error is not None:
-                        self._buffer = b""
-                        return buffer[:forward]
-                answer.events += 1
-                self.progressed = True
+        for match in protocol.boundary.finditer(buffer):
+            event = buffer[forward:match.start()]
+            if self.lazy and not protocol.urgent.search(event):
+                if protocol.has_data(event):
+                    self._keep(event)
+            elif not self._follow(event):
+                self._buffer = b""
+                return buffer[:forward]
             forward = match.end()
         self._buffer = buffer[forward:]
         return buffer[:forward]
 
+    def _follow(self, event: bytes) -> bool:
+        """Parse one event now (the ones before it first); False: it is an in-band error."""
+        data = self.protocol.data_of(event)
+        if data is None:
+            return True
+        self._catch_up()
+        answer = self._answer
+        if data.strip() == DONE:
+            answer.done = True
+        else:
+            self.protocol.follow(answer, data)
+            if answer.error is not None:
+                return False
+        answer.events += 1
+        self.progressed = True
+        return True
+
+    def _keep(self, event: bytes) -> None:
+        self._answer.events += 1
+        self.progressed = True
+        self._unread.append(event)
+        self._unread_bytes += len(event)
+        if self._unread_bytes > self.LAZY_BYTES:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        if not self._unread:
+            return
+        unread, self._unread, self._unread_bytes = self._unread, [], 0
+        for event in unread:
+            data = self.protocol.data_of(event)
+            if data is not None and data.strip() != DONE:
+                self.protocol.follow(self._answer, data)
 
     @property
     def pending(self) -> int:
@@ -105,10 +160,15 @@ class StreamProtocol:
     name = "base"
     api = "openai"  # the name an upstream's `protocols` lists when it speaks this API
     boundary = EVENT_END  # what ends one event: SSE's blank line
+    urgent = re.compile(rb'"error"|\[DONE\]')  # an event that may end the stream: followed at once
 
     def data_of(self, event: bytes) -> str | None:
         """One event's data; None for an event without (a comment)."""
         return _event_data(event)
+
+    def has_data(self, event: bytes) -> bool:
+        """Whether `data_of` would find data in the event (cheaply, without decoding it)."""
+        return event.startswith(b"data:") or b"\ndata:" in event
 
     def streams(self, payload: dict) -> bool:
         """The request asks for a streamed answer."""
@@ -263,6 +323,7 @@ class AnthropicMessages(StreamProtocol):
     API's native prefill: the partial answer as the last, assistant, message."""
 
     name = api = "anthropic"
+    urgent = re.compile(rb'"error"|message_stop')
 
     def started(self, answer: Answer) -> bool:
         return _started_content(answer)
@@ -346,6 +407,7 @@ class Responses(StreamProtocol):
 
     name = api = "responses"
     _END = {"response.completed", "response.incomplete"}
+    urgent = re.compile(rb'"error"|response\.(completed|incomplete|failed)')
 
     def started(self, answer: Answer) -> bool:
         return _started_content(answer)
@@ -400,10 +462,14 @@ class OllamaNative(StreamProtocol):
     name = "ollama"
     api = "ollama"
     boundary = re.compile(rb"\r?\n")
+    urgent = re.compile(rb'"error"|"done"\s*:\s*true')
 
     def data_of(self, event: bytes) -> str | None:
         line = event.strip()
         return line.decode("utf-8", "replace") if line else None
+
+    def has_data(self, event: bytes) -> bool:
+        return bool(event.strip())
 
     def streams(self, payload: dict) -> bool:
         return payload.get("stream", True) is not False

@@ -52,6 +52,10 @@ def status_table(status: dict) -> str:
                 f"{upstream['name']:<12} {n['url']:<40} {n['state']:<8} {n['k']:>2} {n['ejections']:>9} "
                 f"{n['ejected_remaining_s']:>7.1f} {n['failure_rate']:>6.1f} {n['requests']:>8} {n['inflight']:>8} "
                 f"{_ms(n['ttfb_p50_ms']):>7} {_ms(n['ttfb_p95_ms']):>7}")
+            for model, m in (n.get("models") or {}).items():  # `health_scope: model`: each model's entry
+                lines.append(
+                    f"{'':<12} {'  #' + model:<40} {m['state']:<8} {m['k']:>2} {m['ejections']:>9} "
+                    f"{m['ejected_remaining_s']:>7.1f} {m['failure_rate']:>6.1f} {m['requests']:>8}")
     return "\n".join([*_cluster_lines(status), *lines])
 
 

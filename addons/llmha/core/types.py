@@ -60,13 +60,26 @@ def status_outcome(status: int) -> Outcome:
 
 @dataclass(frozen=True, order=True)
 class NodeId:
-    """A node as the profile names it: its upstream and base URL."""
+    """A node as the profile names it: its upstream and base URL.
+
+    With a `model`, it names one model's health entry on that node (an upstream whose `health_scope`
+    is `model`, see `core/nodes.py`); the node itself, its capacity and leases, has `model` "".
+    """
 
     upstream: str
     url: str
+    model: str = ""
 
     def __str__(self) -> str:
-        return f"{self.upstream} {self.url}"
+        return f"{self.upstream} {self.url}#{self.model}" if self.model else f"{self.upstream} {self.url}"
+
+    @property
+    def node(self) -> NodeId:
+        """The node this names (itself, or the node a model's entry is on)."""
+        return NodeId(self.upstream, self.url) if self.model else self
+
+    def for_model(self, model: str) -> NodeId:
+        return NodeId(self.upstream, self.url, model)
 
 
 @dataclass
@@ -83,6 +96,7 @@ class AttemptRecord:
     timeout_s: float | None = None
     events: int | None = None  # a stream that broke after its first byte: data events the client had
     resumed: bool = False  # this attempt continued an answer broken on another node
+    hedge: bool = False  # started while an earlier attempt still waited for its first token (`hedge_after`)
 
     def to_dict(self) -> dict:
         return asdict(self)

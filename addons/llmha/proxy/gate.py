@@ -17,6 +17,9 @@ JSON error object, JSON cut short, an assembled stream that ends before its end.
 closed at once, so an overloaded server can drop the work, and the next candidate is tried. A
 streaming attempt that passes leaves the gate as an `OpenStream` holding its lease, its first event
 already read; anything else leaves as a `CompleteAnswer`, its lease released.
+
+With `hedge_after` (off by default) an attempt still without a first token by then is joined by the
+next candidate that has room, and the first to answer wins (`_race`); the others are closed at once.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..core.assemble import CompletionAssembler
@@ -145,7 +148,7 @@ class OpenStream:
         if self.record.duration_s is None:
             self.record.duration_s = time.monotonic() - self.started_monotonic
 
-    async def close(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome) -> None:
         """End the attempt: release the lease (once) with `outcome`, then close the upstream response."""
         if not self.released:
             self.released = True
@@ -153,7 +156,10 @@ class OpenStream:
             if outcome.failed:
                 self.record.outcome = outcome.value
             self.lease.release(outcome, self.clock())
-        await self.response.aclose()
+        self.response.finish()
+
+    async def close(self, outcome: Outcome) -> None:
+        self.finish(outcome)
 
 
 @dataclass
@@ -180,6 +186,38 @@ class _AttemptFailed(Exception):
 
 
 FailoverListener = Callable[[Candidate, Candidate, AttemptRecord], None]
+
+
+@dataclass
+class _Racer:
+    """One attempt of a hedged run, with its own result until it is judged."""
+
+    candidate: Candidate
+    own: GateResult
+    task: asyncio.Future[tuple[AttemptRecord, Outcome]]
+    started: float  # time.monotonic()
+
+    def hedge_in(self) -> float | None:
+        """Seconds until this attempt is due a hedge (None: its upstream does not hedge)."""
+        after = self.candidate.upstream.hedge_after
+        return None if after is None else max(0.0, after - (time.monotonic() - self.started))
+
+    def merge_into(self, result: GateResult, outcome: Outcome) -> None:
+        result.note_retry_after(self.own.retry_after_s)
+        result.declined = self.own.declined or result.declined
+        if outcome in _ANSWERED:
+            result.stream, result.answer = self.own.stream, self.own.answer
+
+
+async def _close_losers(racing: list[_Racer]) -> None:
+    """Stop the attempts that lost the race: each releases its lease as CANCELLED (one already through its
+    first token, as its stream is closed)."""
+    for racer in racing:
+        racer.task.cancel()
+    await asyncio.gather(*(r.task for r in racing), return_exceptions=True)
+    for racer in racing:
+        if racer.own.stream is not None and not racer.own.stream.released:
+            await racer.own.stream.close(Outcome.CANCELLED)
 _ANSWERED = {Outcome.OK, Outcome.CLIENT_ERROR}  # the attempt's answer goes to the client
 
 
@@ -224,11 +262,8 @@ class Gate:
         request = with_stream_decided(request)
         run = _Run(started=self.clock())
         for over_limit in (False, True):
-            for candidate in candidates:
-                if self.max_attempts is not None and len(result.attempts) >= self.max_attempts:
-                    break
-                if await self._try(request, candidate, result, run, over_limit):
-                    return result
+            if await self._walk(request, candidates, result, run, over_limit):
+                return result
             if result.attempts:
                 break  # someone had room: the past-the-limit pass is only for when nobody had
         if await self._wait_for_paced(request, result, run):
@@ -236,45 +271,127 @@ class Gate:
         result.answer = in_dialect(self._failure(result, run), request.api)
         return result
 
+    async def _walk(self, request: LlmRequest, candidates: list[Candidate], result: GateResult, run: _Run,
+                    over_limit: bool) -> bool:
+        """The candidates in order, each when the one before failed: True when one answered."""
+        if not over_limit and self._hedges(request, candidates):
+            return await self._race(request, iter(candidates), result, run)
+        for candidate in candidates:
+            if self._out_of_attempts(result):
+                break
+            if await self._try(request, candidate, result, run, over_limit):
+                return True
+        return False
+
+    def _out_of_attempts(self, result: GateResult) -> bool:
+        return self.max_attempts is not None and len(result.attempts) >= self.max_attempts
+
     async def _try(self, request: LlmRequest, candidate: Candidate, result: GateResult, run: _Run,
                    over_limit: bool) -> bool:
         """One candidate, if the discipline lets it be tried now: True when it answered (the run is over)."""
+        admitted = await self._admit(request, candidate, run, over_limit)
+        if admitted is None:
+            return False
+        lease, time_left = admitted
+        record, outcome = await self._attempt(request, candidate, lease, result, time_left)
+        return self._judge(candidate, record, outcome, result, run)
+
+    async def _admit(self, request: LlmRequest, candidate: Candidate, run: _Run, over_limit: bool,
+                     hedge: bool = False) -> tuple[Lease, float | None] | None:
+        """The lease for an attempt on `candidate` and the attempt's share of the deadline, if the
+        discipline lets it be tried now and it has room; None: passed over."""
         upstream, now = candidate.upstream, self.clock()
         budget = self.retry.budget(upstream.name)
         tried_here = run.tries[upstream.name]
-        if not self.retry.pacing.ready(candidate.node, now):
+        if not self.retry.pacing.ready(candidate.health, now):
             run.paced.append(candidate)
-            return False
+            return None
         if upstream.name in run.over_budget or tried_here >= upstream.max_attempts:
-            return False
+            return None
         time_left = run.time_left(upstream, now)
         if time_left is not None and time_left <= 0:
             run.deadline_passed = True
-            return False
+            return None
         if tried_here and budget is not None and not budget.allows_retry(now):
             run.over_budget.add(upstream.name)  # straight on to the next upstream
-            return False
+            return None
         lease = await self.leases.acquire(candidate.node, now, streamed=request.stream or assembles(request),
-                                          over_limit=over_limit)
+                                          over_limit=over_limit, health=candidate.health)
         if lease is None:
-            return False
+            return None
         if budget is not None and tried_here:
             budget.retried(now)
         elif budget is not None:
             budget.request(now)
         run.tries[upstream.name] += 1
-        if run.failed and self.on_failover:
+        if run.failed and self.on_failover and not hedge:
             self.on_failover(run.failed[0], candidate, run.failed[1])
-        record, outcome = await self._attempt(request, candidate, lease, result, time_left)
+        return lease, time_left
+
+    def _judge(self, candidate: Candidate, record: AttemptRecord, outcome: Outcome, result: GateResult,
+               run: _Run) -> bool:
+        """An attempt's end, for the run: True when it answered (the run is over)."""
         if outcome in _ANSWERED:
             result.winner = candidate
             return True
         run.failed = (candidate, record)
-        if not self.retry.pacing.ready(candidate.node, self.clock()):
+        if not self.retry.pacing.ready(candidate.health, self.clock()):
             run.paced.append(candidate)  # its Retry-After: waited for if nobody else answers
         if outcome is Outcome.CANCELLED:
             run.deadline_passed = True  # cut by the deadline, not by the node
         return False
+
+    # -- hedging
+
+    def _hedges(self, request: LlmRequest, candidates: list[Candidate]) -> bool:
+        """Hedging applies to requests gated on their first token, when some upstream has `hedge_after`."""
+        gated = request.stream or assembles(request)
+        return gated and self.max_attempts != 1 and any(c.upstream.hedge_after is not None for c in candidates)
+
+    async def _race(self, request: LlmRequest, waiting: Iterator[Candidate], result: GateResult, run: _Run) -> bool:
+        """The candidates in order, with hedging: an attempt without a first token after its upstream's
+        `hedge_after` is joined by the next candidate that has room (under its limit, within the retry
+        discipline), without being stopped. The first to answer wins; the others are closed at once and
+        released as CANCELLED: losing a race says nothing about a node. An attempt that fails before
+        the winner answers (its own first-byte timeout, an error) counts as usual; if no other attempt
+        is running, the next candidate starts as it would without hedging.
+        """
+        racing: list[_Racer] = []
+        hedge_due = exhausted = False
+        try:
+            while True:
+                if not racing or (hedge_due and not exhausted):
+                    racer = await self._start_next(request, waiting, result, run, hedge=bool(racing))
+                    if racer is None and not racing:
+                        return False
+                    exhausted = racer is None
+                    racing += [racer] if racer is not None else []
+                timer = None if exhausted else racing[-1].hedge_in()
+                done, _ = await asyncio.wait([r.task for r in racing], timeout=timer,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                hedge_due = not done
+                for racer in [r for r in racing if r.task in done]:
+                    racing.remove(racer)
+                    record, outcome = racer.task.result()
+                    racer.merge_into(result, outcome)
+                    if self._judge(racer.candidate, record, outcome, result, run):
+                        return True
+        finally:
+            await _close_losers(racing)
+
+    async def _start_next(self, request: LlmRequest, waiting: Iterator[Candidate], result: GateResult, run: _Run,
+                          hedge: bool) -> _Racer | None:
+        """An attempt on the next candidate that may be tried now; None when none is left."""
+        for candidate in waiting:
+            if self._out_of_attempts(result):
+                return None
+            admitted = await self._admit(request, candidate, run, over_limit=False, hedge=hedge)
+            if admitted is not None:
+                lease, time_left = admitted
+                own = GateResult(attempts=result.attempts)  # shared: every attempt is the flow's as it starts
+                task = asyncio.ensure_future(self._attempt(request, candidate, lease, own, time_left, hedge))
+                return _Racer(candidate, own, task, time.monotonic())
+        return None
 
     async def _wait_for_paced(self, request: LlmRequest, result: GateResult, run: _Run) -> bool:
         """Nobody else could answer: wait for the paced node free soonest, if within `retry_after_max`."""
@@ -282,8 +399,8 @@ class Gate:
         if not run.paced or run.deadline_passed or out_of_attempts:
             return False
         now = self.clock()
-        soonest = min(run.paced, key=lambda c: self.retry.pacing.wait_s(c.node, now))
-        wait = self.retry.pacing.wait_s(soonest.node, now)
+        soonest = min(run.paced, key=lambda c: self.retry.pacing.wait_s(c.health, now))
+        wait = self.retry.pacing.wait_s(soonest.health, now)
         result.note_retry_after(wait)
         time_left = run.time_left(soonest.upstream, now)
         if wait > self.retry.retry_after_max or (time_left is not None and wait >= time_left):
@@ -303,14 +420,14 @@ class Gate:
             return _rate_limited_answer(result.attempts, result.retry_after_s)
         return failure_answer(result.attempts, result.retry_after_s)
 
-    async def _attempt(self, request: LlmRequest, candidate: Candidate, lease: Lease,
-                       result: GateResult, time_left: float | None = None) -> tuple[AttemptRecord, Outcome]:
+    async def _attempt(self, request: LlmRequest, candidate: Candidate, lease: Lease, result: GateResult,
+                       time_left: float | None = None, hedge: bool = False) -> tuple[AttemptRecord, Outcome]:
         upstream, node = candidate.upstream, candidate.node
         assembled = assembles(request)
         sent = streamed_form(request) if assembled else request
         own_limit = upstream.first_byte_timeout if sent.stream else upstream.request_timeout
         limit = own_limit if time_left is None else min(own_limit, time_left)
-        record = AttemptRecord(upstream=upstream.name, node=node.url, start=self.clock(), timeout_s=limit)
+        record = AttemptRecord(upstream=upstream.name, node=node.url, start=self.clock(), timeout_s=limit, hedge=hedge)
         result.attempts.append(record)
         started = time.monotonic()
         headers, body = upstream_headers(sent.headers, candidate), sent.body_for(upstream)
@@ -373,7 +490,7 @@ class Gate:
         if response.status_code == 429:
             result.note_retry_after(wait)
         if wait:
-            self.retry.pacing.note(candidate.node, wait, self.clock())
+            self.retry.pacing.note(candidate.health, wait, self.clock())
 
     async def _decline_listed_error(self, response: UpstreamResponse, upstream: Upstream, result: GateResult) -> None:
         """A 4xx whose error code (or type) the upstream's `failover_on` lists moves the request on."""

@@ -1,9 +1,15 @@
-"""Hands open upstream streams to mitmproxy through a server on loopback, and keeps them going.
+"""Hands open upstream streams to mitmproxy, and keeps them going.
 
 mitmproxy sends a response that an addon sets whole, so a streaming answer that the gate holds open
 cannot be given to it directly. Instead the flow is pointed at this server with a one-time token;
 mitmproxy fetches it like any upstream and streams it to the client chunk by chunk. The flow's real
 URL is put back in `responseheaders`, so what is shown and recorded is the client's request.
+
+The hop costs little: mitmproxy's connection to this server is made in memory (`pipe.Shortcut`; the
+server listens on loopback TCP too, for a loop that takes no shortcut), and each upstream chunk goes
+from the upstream connection's `data_received` through the `Delivery` into mitmproxy's reader in one
+call: no task, no socket and no second parse in between. mitmproxy reads it as it would read the
+upstream itself.
 
 On the way, a stream of a protocol llm-ha can follow (`core/splice.py`) is watched event by event:
 - only whole events are passed on, so a break never leaves half an event with the client;
@@ -18,13 +24,14 @@ On the way, a stream of a protocol llm-ha can follow (`core/splice.py`) is watch
 
 A token not fetched within `claim_timeout` (the flow was killed, the client left) is dropped and its
 upstream stream closed, so nothing leaks. However a stream ends, its attempt's lease is released
-once, with the outcome: OK, a break, or CANCELLED when the client left.
+once, with the outcome: OK, a break, or CANCELLED when the client left. A hand-off connection that
+mitmproxy keeps for its client's next request holds no socket when it is in memory; it is closed
+with the client's connection, as mitmproxy's own server connections are, or when the server stops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -34,12 +41,14 @@ from ..core.splice import Answer, Splicer, StreamFollower, splice_comment
 from ..core.types import Outcome
 from ..tasks import background
 from .gate import OpenStream
-from .httpserver import HttpServer, Request, Responder
+from .pipe import Shortcut
 
 logger = logging.getLogger(__name__)
 
 PATH_PREFIX = "/llm-ha/handoff/"
-DRAIN_AFTER_END_S = 1.0  # how long the upstream may take to close its response after `[DONE]`
+DRAIN_AFTER_END_S = 1.0  # how long the upstream may take to end its response after `[DONE]`
+MAX_REQUEST_HEAD = 64 * 1024
+_NOT_PASSED_ON = {"content-length", "transfer-encoding", "connection", "keep-alive"}  # this hop frames its own
 
 Resumer = Callable[["Relay", OpenStream, Outcome], Awaitable[OpenStream | None]]
 
@@ -60,30 +69,6 @@ class Relay:
         return self.follower.answer if self.follower else None
 
 
-class IdleTimer:
-    """`stream_idle_timeout` on one stream, cheap per chunk: progress only notes the time; a timer checks
-    now and then and, once the stream has been silent for the whole limit, ends the `asyncio.timeout`."""
-
-    def __init__(self, idle: float, timeout: asyncio.Timeout) -> None:
-        self.idle = idle
-        self.timeout = timeout
-        self.loop = asyncio.get_running_loop()
-        self.last = self.loop.time()
-        self._handle = self.loop.call_at(self.last + idle, self._check)
-
-    def progress(self) -> None:
-        self.last = self.loop.time()
-
-    def _check(self) -> None:
-        if self.loop.time() >= self.last + self.idle:
-            self.timeout.reschedule(self.loop.time())  # TimeoutError in the pump: a stall
-        else:
-            self._handle = self.loop.call_at(self.last + self.idle, self._check)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-
-
 @dataclass
 class _Pending:
     relay: Relay
@@ -94,23 +79,41 @@ class HandoffServer:
     def __init__(self, claim_timeout: float = 30.0) -> None:
         self.claim_timeout = claim_timeout
         self._pending: dict[str, _Pending] = {}
-        self._server = HttpServer(self._serve)
-        self.active = 0  # streams being pumped to mitmproxy
+        self._server: asyncio.Server | None = None
+        self._shortcut: Shortcut | None = None
+        self._connections: set[HandoffConnection] = set()
+        self.active = 0  # streams being delivered to mitmproxy
+        self.in_memory = False  # mitmproxy reaches this server without a socket
 
     async def start(self) -> None:
-        await self._server.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._connection, "127.0.0.1", 0)
+        self._port = self._server.sockets[0].getsockname()[1]
+        self._shortcut = Shortcut(("127.0.0.1", self._port), self._connection)
+        self.in_memory = self._shortcut.install()
 
     @property
     def port(self) -> int:
-        return self._server.port
+        return self._port
+
+    @property
+    def in_memory_connections(self) -> int:
+        return self._shortcut.connections if self._shortcut else 0
 
     async def stop(self) -> None:
-        await self._server.stop()
+        if self._shortcut is not None:
+            self._shortcut.remove()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for connection in list(self._connections):
+            connection.abort()
+        await asyncio.sleep(0)  # the aborted connections' `connection_lost` end their streams
         for token in list(self._pending):
             await self._expire(token)
 
     async def drain(self, limit: float) -> None:
-        """Wait (at most `limit` seconds) until no stream is parked or being pumped."""
+        """Wait (at most `limit` seconds) until no stream is parked or being delivered."""
         deadline = asyncio.get_running_loop().time() + limit
         while (self.active or self._pending) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)
@@ -128,12 +131,19 @@ class HandoffServer:
         if token in self._pending:
             self._spawn_expiry(token)
 
-    def _spawn_expiry(self, token: str) -> None:
-        background(self._expire(token))
-
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def claim(self, path: str) -> Relay | None:
+        pending = self._pending.pop(path.removeprefix(PATH_PREFIX), None)
+        if pending is None:
+            return None
+        pending.expiry.cancel()
+        return pending.relay
+
+    def _spawn_expiry(self, token: str) -> None:
+        background(self._expire(token))
 
     async def _expire(self, token: str) -> None:
         pending = self._pending.pop(token, None)
@@ -142,63 +152,292 @@ class HandoffServer:
         pending.expiry.cancel()
         await pending.relay.stream.close(Outcome.CANCELLED)
 
-    async def _serve(self, request: Request, responder: Responder) -> None:
-        pending = self._pending.pop(request.path.removeprefix(PATH_PREFIX), None)
-        if pending is None:
-            await responder.respond(410, b'{"error": {"message": "llm-ha: unknown or expired stream", '
-                                         b'"type": "internal_error", "code": "handoff_expired"}}',
-                                    [("content-type", "application/json")])
+    def _connection(self) -> HandoffConnection:
+        return HandoffConnection(self)
+
+
+class HandoffConnection(asyncio.Protocol):
+    """One connection from mitmproxy (in memory or TCP): requests one after the other, each answered
+    with the stream its token names."""
+
+    def __init__(self, server: HandoffServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.delivery: Delivery | None = None
+        self.closed = False
+        self._buffer = b""
+        self._skip = 0  # bytes of a request body still to pass over
+        self._chunked = True  # this response's framing: chunks (HTTP/1.1), or up to the close (HTTP/1.0)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server._connections.discard(self)
+        if self.delivery is not None:
+            self.delivery.client_left()
+
+    def pause_writing(self) -> None:
+        if self.delivery is not None:
+            self.delivery.pause()
+
+    def resume_writing(self) -> None:
+        if self.delivery is not None:
+            self.delivery.resume()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self.delivery is None:
+            self._next_request()
+
+    def eof_received(self) -> bool:
+        return self.delivery is not None  # mitmproxy half-closed: finish the answer under way, if any
+
+    # -- requests
+
+    def _next_request(self) -> None:
+        if self._skip:
+            skipped = min(self._skip, len(self._buffer))
+            self._buffer, self._skip = self._buffer[skipped:], self._skip - skipped
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_REQUEST_HEAD:
+                self.abort()
             return
-        pending.expiry.cancel()
-        relay = pending.relay
-        self.active += 1
+        head, self._buffer = self._buffer[:end].decode("latin-1"), self._buffer[end + 4:]
+        request_line, *header_lines = head.split("\r\n")
+        parts = request_line.split(" ")
+        if len(parts) != 3:
+            self.abort()
+            return
+        length = dict(_header(line) for line in header_lines).get("content-length", "0")
+        self._skip = int(length) if length.isdigit() else 0
+        self._chunked = parts[2] != "HTTP/1.0"
+        relay = self.server.claim(_path_of(parts[1]))
+        if relay is None:
+            self._respond_gone()
+            self._next_request()
+            return
+        self.delivery = Delivery(relay, self)
+        self.server.active += 1
+        self.delivery.start()
+
+    def _respond_gone(self) -> None:
+        body = (b'{"error": {"message": "llm-ha: unknown or expired stream", "type": "internal_error", '
+                b'"code": "handoff_expired"}}')
+        self._write(b"HTTP/1.1 410 Gone\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                    % (len(body), body))
+
+    # -- the response, for the delivery
+
+    def start(self, status: int, reason: bytes, headers: list[tuple[str, str]]) -> None:
+        lines = [b"HTTP/1.1 %d %b" % (status, reason or b"")]
+        lines += [f"{k}: {v}".encode("latin-1", "replace") for k, v in headers if k.lower() not in _NOT_PASSED_ON]
+        lines.append(b"transfer-encoding: chunked" if self._chunked else b"connection: close")
+        self._write(b"\r\n".join(lines) + b"\r\n\r\n")
+
+    def send(self, data: bytes) -> None:
+        if data:
+            self._write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
+    def end(self, last: bytes = b"") -> None:
+        """End the message; `last` data goes out in the same write, so the peer sees both at once."""
+        if self._chunked:
+            self._write((b"%x\r\n%b\r\n" % (len(last), last) if last else b"") + b"0\r\n\r\n")
+        else:
+            self.send(last)
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Cut the connection: the client must see a broken stream, not a clean end."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def delivered(self) -> None:
+        """The answer under way is over (sent, broken or abandoned): ready for the next request."""
+        self.delivery = None
+        self.server.active -= 1
+        if self._buffer and not self.closed:
+            self._next_request()
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+
+class Delivery:
+    """One relay's answer through one hand-off connection: each upstream chunk is followed and passed
+    on from the upstream connection's callback (`body_data`); a break is continued in a task."""
+
+    def __init__(self, relay: Relay, connection: HandoffConnection) -> None:
+        self.relay = relay
+        self.connection = connection
+        self.stream: OpenStream | None = None  # the upstream stream being passed on
+        self.splicer: Splicer | None = None
+        self._loop = asyncio.get_running_loop()
+        self._idle_limit = 0.0
+        self._last_progress = 0.0
+        self._idle: asyncio.TimerHandle | None = None
+        self._drain: asyncio.TimerHandle | None = None
+        self._resuming: asyncio.Task | None = None
+        self._over = False
+
+    def start(self) -> None:
+        stream = self.relay.stream
+        self.connection.start(stream.status, stream.reason, [*stream.headers, *self.relay.extra_headers])
+        self._follow(stream)
+
+    def _follow(self, stream: OpenStream) -> None:
+        self.stream = stream
+        self._idle_limit = stream.candidate.upstream.stream_idle_timeout
+        self._last_progress = self._loop.time()
+        self._idle = self._loop.call_at(self._last_progress + self._idle_limit, self._check_idle)
+        for chunk in stream.head:
+            if self.stream is not stream:
+                return  # the answer ended within the chunks read before the hand-off
+            self.body_data(chunk)
+        if self.stream is stream:
+            stream.response.deliver_to(self)
+
+    # -- the upstream stream's body (BodySink)
+
+    def body_data(self, chunk: bytes) -> None:
+        if self.stream is None:
+            return
+        if self.splicer is not None:
+            chunk = self.splicer.feed(chunk)
+        follower = self.relay.follower
+        if follower is None:
+            self._last_progress = self._loop.time()
+            self.connection.send(chunk)
+            return
+        chunk = follower.feed(chunk)
+        if follower.progressed:
+            self._last_progress = self._loop.time()
+        if follower.failed:
+            self.connection.send(chunk)
+            self._stream_over(Outcome.IN_BAND_ERROR)
+        elif follower.done:
+            self.stream.mark_delivered()
+            self.connection.end(chunk)
+            self._answer_sent()
+        else:
+            self.connection.send(chunk)
+
+    def body_end(self) -> None:
+        if self.stream is None:
+            return
+        if self.relay.follower is None:
+            self.connection.end()
+            self._stream_over(Outcome.OK)
+        else:
+            self._stream_over(Outcome.TRUNCATED)
+
+    def body_broken(self, error: BaseException) -> None:
+        if self.stream is not None:
+            logger.debug(f"llm-ha: {self.stream.record.upstream} {self.stream.record.node} cut its stream: {error}")
+            self._stream_over(Outcome.STREAM_CUT)
+
+    # -- flow control, idle limit, the client leaving
+
+    def pause(self) -> None:
+        if self.stream is not None:
+            self.stream.response.pause()
+
+    def resume(self) -> None:
+        if self.stream is not None:
+            self.stream.response.resume()
+
+    def _check_idle(self) -> None:
+        if self.stream is None:
+            return
+        due = self._last_progress + self._idle_limit
+        if self._loop.time() >= due:
+            self._stream_over(Outcome.STALLED)
+        else:
+            self._idle = self._loop.call_at(due, self._check_idle)
+
+    def client_left(self) -> None:
+        if self._resuming is not None:
+            self._resuming.cancel()
+        if self.stream is not None:
+            self._stream_over(Outcome.CANCELLED)
+
+    # -- ends
+
+    def _answer_sent(self) -> None:
+        """The client has the whole answer. The upstream's own end is waited for briefly (its connection
+        can then be reused) before the stream is closed as OK."""
+        stream = self.stream
+        self._stop_watching()
+        self.stream = None
+        if stream.response.complete:
+            stream.finish(Outcome.OK)
+        else:
+            drainer = _Drainer(stream, self._loop.call_later(DRAIN_AFTER_END_S, stream.finish, Outcome.OK))
+            stream.response.deliver_to(drainer)
+        self._end()
+
+    def _stream_over(self, outcome: Outcome) -> None:
+        stream = self.stream
+        self._stop_watching()
+        self.stream = None
+        if outcome.broke_stream:
+            stream.record.events = self.relay.answer.events if self.relay.answer else 0
+        stream.finish(outcome)
+        if outcome.broke_stream and not self.connection.closed:
+            self.relay.breaks.append((stream, outcome))
+            self._resuming = asyncio.create_task(self._after_break(stream, outcome))
+        else:
+            self._end()
+
+    def _stop_watching(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _end(self) -> None:
+        if not self._over:
+            self._over = True
+            self.connection.delivered()
+
+    async def _after_break(self, broken: OpenStream, outcome: Outcome) -> None:
         try:
-            stream = relay.stream
-            await responder.start(stream.status, [*stream.headers, *relay.extra_headers], stream.reason)
-            await self._deliver(relay, responder)
+            continuation = await self._continue(broken, outcome)
+        except asyncio.CancelledError:
+            continuation = None
+        except Exception:
+            logger.exception("llm-ha: continuing a broken stream failed")
+            self.connection.abort()
+            continuation = None
         finally:
-            self.active -= 1
-            await relay.stream.close(Outcome.CANCELLED)  # a no-op unless delivery was interrupted
+            self._resuming = None
+        if continuation is None:
+            self._end()
+        elif self.connection.closed:  # the client left while the continuation was sought
+            await continuation.close(Outcome.CANCELLED)
+            self._end()
+        else:
+            self.relay.stream = continuation
+            follower = self.relay.follower
+            self.splicer = Splicer(follower.protocol, follower.answer) if follower else None
+            self._follow(continuation)
 
-    async def _deliver(self, relay: Relay, responder: Responder) -> None:
-        splicer: Splicer | None = None
-        while True:
-            stream = relay.stream
-            pump = asyncio.create_task(self._pump(stream, responder, relay.follower, splicer))
-            left = asyncio.create_task(responder.disconnected.wait())
-            await asyncio.wait({pump, left}, return_when=asyncio.FIRST_COMPLETED)
-            left.cancel()
-            if pump.done():
-                outcome = pump.result()
-            else:  # the client left
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
-                outcome = Outcome.CANCELLED
-            if outcome.broke_stream:
-                stream.record.events = relay.answer.events if relay.answer else 0
-            await stream.close(outcome)
-            if not outcome.broke_stream:
-                return
-            relay.breaks.append((stream, outcome))
-            continuation = await self._continue(relay, stream, outcome, responder)
-            if continuation is None:
-                return
-            relay.stream = continuation
-            splicer = Splicer(relay.follower.protocol, relay.follower.answer) if relay.follower else None
-
-    async def _continue(self, relay: Relay, broken: OpenStream, outcome: Outcome,
-                        responder: Responder) -> OpenStream | None:
+    async def _continue(self, broken: OpenStream, outcome: Outcome) -> OpenStream | None:
         """After a break: end a whole answer properly, continue a partial one, or pass the break on."""
+        relay, connection = self.relay, self.connection
         answer = relay.answer
         where = f"{broken.record.upstream} {broken.record.node}"
         chunks = f"{answer.events} events" if answer else "its first bytes"
         if answer is not None and answer.complete:  # only the closing marker was missing
-            await responder.end(relay.follower.protocol.end_marker if relay.follower else b"")
+            connection.end(relay.follower.protocol.end_marker if relay.follower else b"")
             return None
         continuation = await relay.resume(relay, broken, outcome) if relay.resume and answer else None
         if continuation is not None:
-            await responder.send(splice_comment(
+            connection.send(splice_comment(
                 f"llm-ha: {where} {outcome.value} after {chunks}; resumed on "
                 f"{continuation.record.upstream} {continuation.record.node}"))
             return continuation
@@ -206,58 +445,39 @@ class HandoffServer:
                     + (f"; not resumed: {relay.why_not_resumed}" if relay.why_not_resumed else ""))
         if relay.follower is not None:
             why = f": {relay.why_not_resumed}" if relay.why_not_resumed else ""
-            await responder.send(relay.follower.protocol.error_event(
+            connection.send(relay.follower.protocol.error_event(
                 f"llm-ha: the stream from {broken.record.upstream} broke ({outcome.value} after {chunks}) "
                 f"and could not be continued{why}", f"stream_{outcome.value}"))
-        responder.abort()  # the client must see a broken stream, not a clean end
+        connection.abort()  # the client must see a broken stream, not a clean end
         return None
 
-    async def _pump(self, stream: OpenStream, responder: Responder, follower: StreamFollower | None,
-                    splicer: Splicer | None) -> Outcome:
-        """Pass one upstream stream on until it ends: OK, a break, or CANCELLED (the client left)."""
-        chunks = stream.chunks()
-        idle: IdleTimer | None = None
-        try:
-            async with asyncio.timeout(None) as timeout:
-                idle = IdleTimer(stream.candidate.upstream.stream_idle_timeout, timeout)
-                async for chunk in chunks:
-                    if splicer is not None:
-                        chunk = splicer.feed(chunk)
-                    if follower is None:
-                        idle.progress()
-                        await responder.send(chunk)
-                        continue
-                    chunk = follower.feed(chunk)
-                    if follower.progressed:
-                        idle.progress()
-                    if follower.answer.error is not None:
-                        await responder.send(chunk)
-                        return Outcome.IN_BAND_ERROR
-                    if follower.answer.done:
-                        stream.mark_delivered()
-                        await responder.end(chunk)
-                        await self._drain(chunks)
-                        return Outcome.OK
-                    await responder.send(chunk)
-        except TimeoutError:
-            return Outcome.STALLED
-        except ConnectionError:
-            return Outcome.CANCELLED
-        except OSError as e:  # the upstream's connection broke (UpstreamError)
-            logger.debug(f"llm-ha: {stream.record.upstream} {stream.record.node} cut its stream: {type(e).__name__}")
-            return Outcome.STREAM_CUT
-        finally:
-            if idle is not None:
-                idle.cancel()
-        if follower is None:
-            await responder.end()
-            return Outcome.OK
-        return Outcome.TRUNCATED
 
-    @staticmethod
-    async def _drain(chunks) -> None:
-        """Read the upstream's end after `[DONE]`, briefly, so its connection can be reused."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(DRAIN_AFTER_END_S):
-                async for _ in chunks:
-                    pass
+class _Drainer:
+    """Reads an upstream's end after `[DONE]` (up to the timer) so that its connection can be reused."""
+
+    def __init__(self, stream: OpenStream, timer: asyncio.TimerHandle) -> None:
+        self.stream = stream
+        self.timer = timer
+
+    def body_data(self, data: bytes) -> None:
+        pass
+
+    def body_end(self) -> None:
+        self.timer.cancel()
+        self.stream.finish(Outcome.OK)
+
+    def body_broken(self, error: BaseException) -> None:
+        self.body_end()
+
+
+def _header(line: str) -> tuple[str, str]:
+    name, _, value = line.partition(":")
+    return name.strip().lower(), value.strip()
+
+
+def _path_of(target: str) -> str:
+    """The path, also from an absolute-form target (`GET http://host/path`, as proxies send)."""
+    if target.startswith(("http://", "https://")):
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    return target.split("?", 1)[0]
+

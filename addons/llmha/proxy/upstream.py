@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from mitmproxy.net.http.http1 import read_response_head
@@ -178,6 +179,16 @@ class Headers:
         return value
 
 
+class BodySink(Protocol):
+    """Takes a body as it arrives, called from the connection's own callbacks (see `deliver_to`)."""
+
+    def body_data(self, data: bytes) -> None: ...
+
+    def body_end(self) -> None: ...
+
+    def body_broken(self, error: BaseException) -> None: ...
+
+
 class UpstreamResponse:
     """A response whose head has arrived; the body is read as it comes (httpx's names, where they exist)."""
 
@@ -187,6 +198,7 @@ class UpstreamResponse:
         self.reason = reason
         self.headers = Headers(headers)
         self.is_closed = False
+        self._decode = _decoder(self.headers.get("content-encoding", ""))
 
     @property
     def reason_phrase(self) -> str:
@@ -202,19 +214,39 @@ class UpstreamResponse:
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The body as it arrives, its content-encoding (gzip, deflate, br) undone too."""
-        decoder = _decoder(self.headers.get("content-encoding", ""))
         async for data in self.aiter_raw():
-            data = decoder(data) if decoder else data
+            data = self._decode(data) if self._decode else data
             if data:
                 yield data
+
+    def deliver_to(self, sink: BodySink) -> None:
+        """From now on, hand the rest of the body (decoded) to `sink` as it arrives, from the connection's
+        `data_received`: no task between the socket and the sink. What arrived unread goes first."""
+        self._conn.attach(sink, self._decode)
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived."""
+        return self._conn._ended
+
+    def pause(self) -> None:
+        """Stop reading the upstream (the sink cannot pass more on for now)."""
+        self._conn.pause()
+
+    def resume(self) -> None:
+        self._conn.resume()
 
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_bytes()])
 
-    async def aclose(self) -> None:
+    def finish(self) -> None:
+        """Done with this response: its connection is kept for reuse if the body was read to the end."""
         if not self.is_closed:
             self.is_closed = True
             self._conn.finish()
+
+    async def aclose(self) -> None:
+        self.finish()
 
 
 class _Connection(asyncio.Protocol):
@@ -238,6 +270,9 @@ class _Connection(asyncio.Protocol):
         self._response = None
         self._tunnel = False
         self._expiry: asyncio.TimerHandle | None = None
+        self._sink: BodySink | None = None
+        self._decode: Callable[[bytes], bytes] | None = None
+        self._paused = False
 
     # -- asyncio.Protocol
 
@@ -273,11 +308,14 @@ class _Connection(asyncio.Protocol):
         except ValueError as e:
             self._fail(ConnectionBroken(f"bad response body framing: {e}"))
             return
+        if self._sink is not None:
+            self._to_sink(out)
+            return
         if out:
             self._data.append(out)
             self._queued += len(out)
-            if self._queued > PAUSE_ABOVE_BYTES and self.transport:
-                self.transport.pause_reading()
+            if self._queued > PAUSE_ABOVE_BYTES:
+                self.pause()
         if self._body.done:
             self._ended = True
         self._wake()
@@ -287,6 +325,7 @@ class _Connection(asyncio.Protocol):
             self._ended = True
         self._lost = self._lost or ConnectionBroken("the upstream closed the connection")
         self._wake()
+        self._sink_ends()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -296,6 +335,7 @@ class _Connection(asyncio.Protocol):
         self._lost = self._lost or ConnectionBroken(f"connection lost: {exc or 'closed by the upstream'}")
         self.client._open.discard(self)
         self._wake()
+        self._sink_ends()
 
     # -- one exchange
 
@@ -307,6 +347,7 @@ class _Connection(asyncio.Protocol):
         self._method = method
         self._head.clear()
         self._body, self._ended, self._lost, self.answered_bytes = None, False, None, False
+        self._sink, self._decode = None, None
         self._data.clear()
         self._queued = 0
         self.transport.write(request)
@@ -325,13 +366,65 @@ class _Connection(asyncio.Protocol):
             await self._wait()
         data = self._data.popleft() if len(self._data) == 1 else b"".join(self._data)
         self._data.clear()
-        if self._queued > PAUSE_ABOVE_BYTES and self.transport:
-            self.transport.resume_reading()
+        if self._queued > PAUSE_ABOVE_BYTES:
+            self.resume()
         self._queued = 0
         return data
 
+    # -- the body handed to a sink
+
+    def attach(self, sink: BodySink, decode: Callable[[bytes], bytes] | None) -> None:
+        self._decode = decode
+        waiting = b"".join(self._data)
+        self._data.clear()
+        self._queued = 0
+        self._sink = sink
+        if waiting:
+            self._to_sink(b"", waiting)
+        elif self._ended or self._lost is not None:
+            self._sink_ends()
+        if self._paused:
+            self.resume()
+
+    def _to_sink(self, out: bytes, decoded: bytes | None = None) -> None:
+        sink = self._sink
+        if decoded is None:
+            try:
+                decoded = self._decode(out) if self._decode and out else out
+            except Exception as e:  # a corrupt gzip stream
+                self._fail(ConnectionBroken(f"bad content-encoding: {e}"))
+                return
+        if self._body is not None and self._body.done:
+            self._ended = True
+        if decoded:
+            sink.body_data(decoded)
+        if self._sink is not None and (self._ended or self._lost is not None):
+            self._sink_ends()
+
+    def _sink_ends(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is None:
+            return
+        if self._ended:
+            sink.body_end()
+        else:
+            sink.body_broken(self._lost or ConnectionBroken("connection lost"))
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
     def finish(self) -> None:
         """The caller is done with the response: keep the connection if its body was read to the end."""
+        self._sink = None
+        if self._paused:
+            self.resume()
         if self._ended and self._reuse and self.usable and not self._data:
             self.client._keep(self)
         else:

@@ -15,6 +15,9 @@ state as its working copy and as its fallback:
   (the first to claim the event) logs each.
 - **Manual actions** (eject, drain, restore, reset) are published the same way, and so is a return
   that an active probe of this instance decided (`probe`: a held node returns when a probe passes).
+- **Models.** With `health_scope: model`, a model's entry on a node (`NodeId` with a `model`) is shared
+  like a node: its keys and messages name it `upstream url#model`. An instance takes on another's
+  entry for a model it has no entry for yet only within its own cap (`MAX_MODELS_PER_NODE`).
 - **Degraded.** When Redis is down or too slow, this instance goes on at once with its own state (its
   own limits and failure rate, as without `shared_state`), says so once, and retries every `RETRY_S`;
   back, it re-publishes what it holds (its leases, and any ejection longer than the shared one).
@@ -93,13 +96,14 @@ class SharedNodePool(NodePool):
 
     # -- leases
     async def acquire(self, node: NodeId, now: float, *, streamed: bool,
-                      over_limit: bool = False) -> SharedLease | None:
+                      over_limit: bool = False, health: NodeId | None = None) -> SharedLease | None:
         target = self.nodes[node]
         if not self.store.connected:
-            return self._share_lease(self.try_acquire(node, now, streamed=streamed, over_limit=over_limit))
+            return self._share_lease(self.try_acquire(node, now, streamed=streamed, over_limit=over_limit,
+                                                      health=health))
         limit = target.limiter.limit(now)
         if limit is None or over_limit:
-            lease = self._share_lease(self.try_acquire(node, now, streamed=streamed, over_limit=True))
+            lease = self._share_lease(self.try_acquire(node, now, streamed=streamed, over_limit=True, health=health))
             self.store.register(node, lease.member)
             lease.registered = True
             return lease
@@ -113,12 +117,13 @@ class SharedNodePool(NodePool):
             if self.store.connected:  # late: refuse, the next candidate serves it (see ACQUIRE_TIMEOUT_S)
                 target.shed += 1
                 return None
-            return self._share_lease(self.try_acquire(node, now, streamed=streamed), member)  # gone: alone
+            return self._share_lease(self.try_acquire(node, now, streamed=streamed, health=health), member)  # alone
         target.cluster_inflight = held
         if not granted:
             target.shed += 1
             return None
-        lease = self._share_lease(self.try_acquire(node, now, streamed=streamed, over_limit=True), member)
+        lease = self._share_lease(self.try_acquire(node, now, streamed=streamed, over_limit=True, health=health),
+                                  member)
         lease.registered = True
         return lease
 
@@ -144,12 +149,38 @@ class SharedNodePool(NodePool):
                 for node, held in self._held.items()}
 
     # -- health
-    def record(self, node: NodeId, outcome: Outcome, ttfb_s: float | None, now: float, streamed: bool) -> None:
-        super().record(node, outcome, ttfb_s, now, streamed)
+    def _count(self, entry: NodeId, failed: bool, now: float) -> None:
+        super()._count(entry, failed, now)
         if self.store.connected:
             interval = self._interval_of(now)
-            self.store.count(node, interval, outcome.failed, self._keep_counts_s())
-            self._contributed.setdefault(interval, set()).add(node)
+            self.store.count(entry, interval, failed, self._keep_counts_s())
+            self._contributed.setdefault(interval, set()).add(entry)
+
+    def _forget(self, entry: NodeId) -> None:
+        super()._forget(entry)
+        for known in (self._versions, self._ejection_ends, self._cluster_rates):
+            known.pop(entry, None)
+
+    def _entry_named(self, key: str, make: bool) -> NodeId | None:
+        """The node or model entry a message names (`upstream url` or `upstream url#model`), if kept here."""
+        if key in self._by_key:
+            return self._by_key[key]
+        for name, node in self._by_key.items():
+            if key.startswith(name + "#"):
+                return self._kept(node.for_model(key[len(name) + 1:]), make)
+        return None
+
+    def _kept(self, entry: NodeId, make: bool = True) -> NodeId | None:
+        """`entry`, made if asked and this instance has room for it; None if it is not kept here."""
+        if entry in self.detector.monitors:
+            return entry
+        if not make:
+            return None
+        made = self.health_entry(entry.node, entry.model, time.time())
+        return made if made == entry else None
+
+    def _health_entries(self) -> list[NodeId]:
+        return list(self.detector.monitors)
 
     def eject(self, node: NodeId, now: float) -> None:
         super().eject(node, now)
@@ -161,13 +192,14 @@ class SharedNodePool(NodePool):
 
     def restore(self, node: NodeId, now: float) -> None:
         super().restore(node, now)
-        self._publish_state(node)
+        for entry in [node, *self.model_entries(node)]:
+            self._publish_state(entry)
 
     def reset(self, now: float) -> None:
         super().reset(now)
         if self.store.connected:
-            for node in self.nodes:
-                self._publish_state(node)
+            for entry in self._health_entries():
+                self._publish_state(entry)
             self._spawn(self.store.publish({"kind": "reset"}))
 
     def probe_result(self, node: NodeId, passed: bool, now: float) -> None:
@@ -188,7 +220,7 @@ class SharedNodePool(NodePool):
         return snap
 
     def _on_health_event(self, event: HealthEvent) -> None:
-        node = NodeId(event.upstream, event.node)
+        node = NodeId(event.upstream, event.node, event.model or "")
         self._node_follows(event)
         if (until := self.detector.monitors[node].ejected_until) is not None:
             self._ejection_ends[node] = until
@@ -228,6 +260,8 @@ class SharedNodePool(NodePool):
             self._spawn(self._put_state(node))
 
     async def _put_state(self, node: NodeId, merge: bool = False) -> None:
+        if node not in self.detector.monitors:  # a model's entry dropped meanwhile
+            return
         try:
             version = await self.store.put_state(node, self.detector.monitors[node].ejection_state(), merge)
         except (RedisError, OSError) as e:
@@ -238,7 +272,7 @@ class SharedNodePool(NodePool):
 
     def _apply(self, node: NodeId, version: int, by: str, state: EjectionState) -> None:
         """Take on a state another instance decided (newer than what this one has seen), silently."""
-        if version <= self._versions.get(node, 0):
+        if version <= self._versions.get(node, 0) or node not in self.detector.monitors:
             return
         self._versions[node] = version
         now = time.time()
@@ -252,7 +286,8 @@ class SharedNodePool(NodePool):
             logger.info(f"llm-ha: {node} ejected by instance {by} for {state.ejected_until - now:.1f}s more "
                         f"(k={state.ejection_k})")
         elif was_ejected and not monitor.is_ejected(now):
-            self._node_follows(HealthEvent(now, "uneject", node.upstream, node.url, k=state.next_k))
+            self._node_follows(HealthEvent(now, "uneject", node.upstream, node.url, k=state.next_k,
+                                           model=node.model or None))
             logger.info(f"llm-ha: {node} back in rotation (by instance {by})")
 
     def _interval_of(self, ts: float) -> int:
@@ -313,8 +348,8 @@ class SharedNodePool(NodePool):
         """After (re)connecting: re-publish what this instance holds, then take on what the others decided."""
         self._versions.clear()  # Redis may have restarted empty: its versions start again
         self._contributed.clear()
-        for node in self.nodes:
-            await self._put_state_or_fail(node)
+        for entry in self._health_entries():
+            await self._put_state_or_fail(entry)
         await self._pull_states()
         await self.store.renew(self._held_members(), re_add=True)
         for held in self._held.values():
@@ -322,12 +357,14 @@ class SharedNodePool(NodePool):
                 lease.registered = True
 
     async def _put_state_or_fail(self, node: NodeId) -> None:
+        if node not in self.detector.monitors:
+            return
         version = await self.store.put_state(node, self.detector.monitors[node].ejection_state(), merge=True)
         if version:
             self._versions[node] = version
 
     async def _pull_states(self) -> None:
-        for node, (version, by, state) in (await self.store.read_states(list(self.nodes))).items():
+        for node, (version, by, state) in (await self.store.read_states(self._health_entries())).items():
             self._apply(node, version, by, state)
 
     async def _listen(self, pubsub) -> None:
@@ -342,8 +379,8 @@ class SharedNodePool(NodePool):
             return
         if message.get("from") == self.instance:
             return
-        node = self._by_key.get(message.get("node", ""))
         kind = message.get("kind")
+        node = self._entry_named(str(message.get("node", "")), make=kind == "state")
         if kind == "state" and node:
             self._apply(node, int(message["version"]), message["from"], parse_state(message["fields"]))
         elif kind == "rate" and node:
@@ -386,7 +423,7 @@ class SharedNodePool(NodePool):
         length = self.profile.health_check.interval
         async with asyncio.timeout(COMMAND_TIMEOUT_S):
             counts = await self.store.claim_interval(node, interval, self._keep_counts_s())
-        if counts is None:
+        if counts is None or self._kept(node) is None:
             return
         total, failed = counts
         rate = 100.0 * failed / total if total else 0.0

@@ -1,0 +1,234 @@
+"""The hand-off in-process: a real upstream server and client, the real gate, and the hand-off server
+fetched the way mitmproxy fetches it (`asyncio.open_connection`, in memory), and over loopback TCP."""
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from llmha.core.candidates import CandidatePicker
+from llmha.core.nodes import NodePool
+from llmha.core.profile import Profile, Upstream
+from llmha.core.splice import StreamFollower
+from llmha.proxy.gate import Gate, LlmRequest
+from llmha.proxy.handoff import HandoffServer, Relay
+from llmha.proxy.httpserver import HttpServer
+from llmha.proxy.pipe import connect_pair
+from llmha.proxy.upstream import UpstreamClient
+
+EVENTS = 50
+
+
+def chunk(i: int) -> bytes:
+    return b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"t%d "}}]}\n\n' % i
+
+
+class Upstream_:
+    """An SSE server: EVENTS events, then [DONE]; `cut_after` resets the connection after that many."""
+
+    def __init__(self, cut_after: int | None = None, gap: float = 0.0) -> None:
+        self.cut_after, self.gap = cut_after, gap
+        self.server = HttpServer(self.serve)
+
+    async def serve(self, request, responder) -> None:
+        await responder.start(200, [("content-type", "text/event-stream")])
+        for i in range(EVENTS):
+            if self.cut_after is not None and i == self.cut_after:
+                responder.abort()
+                return
+            await responder.send(chunk(i))
+            if self.gap:
+                await asyncio.sleep(self.gap)
+        await responder.send(b"data: [DONE]\n\n")
+
+
+async def open_stream(upstream: Upstream_, pool_box: list) -> tuple[Relay, NodePool]:
+    await upstream.server.start()
+    profile = Profile(path="h.yaml", upstreams=(Upstream("primary", (upstream.server.url,), first_byte_timeout=2.0),))
+    pool = NodePool(profile, 0.0)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}).encode()
+    request = LlmRequest.parse_body("POST", "/v1/chat/completions", [], body)
+    client = UpstreamClient()
+    pool_box.append(client)
+    result = await Gate(pool, client).run(request, CandidatePicker(profile).candidates(pool, 0.0))
+    assert result.stream is not None, result.attempts
+    relay = Relay(result.stream, [("x-llm-ha-upstream", "primary")])
+    relay.follower = StreamFollower(request.protocol, lazy=True)
+    return relay, pool
+
+
+async def fetch(handoff: HandoffServer, path: str, tcp: bool) -> tuple[bytes, bool]:
+    """GET the hand-off as mitmproxy does; (what arrived, whether the connection ended cleanly)."""
+    if tcp:  # an explicit socket bypasses the in-memory shortcut, as an event loop without it would
+        sock = socket.create_connection(("127.0.0.1", handoff.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", handoff.port)
+    writer.write(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n".encode())
+    received, clean = b"", True
+    try:
+        while not received.endswith(b"0\r\n\r\n"):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                clean = False
+                break
+            received += data
+    except ConnectionError:
+        clean = False
+    writer.close()
+    return received, clean
+
+
+def sse_body(received: bytes) -> bytes:
+    """The chunked body's data."""
+    head, _, body = received.partition(b"\r\n\r\n")
+    out = b""
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        out, body = out + rest[:n], rest[n + 2:]
+    return out
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["in-memory", "tcp"])
+def test_a_whole_stream_is_delivered_and_its_lease_released_ok(tcp):
+    async def main():
+        clients: list = []
+        upstream = Upstream_()
+        relay, pool = await open_stream(upstream, clients)
+        handoff = HandoffServer()
+        await handoff.start()
+        assert handoff.in_memory
+        received, clean = await fetch(handoff, handoff.register(relay), tcp)
+        await asyncio.sleep(0.05)
+        node = next(iter(pool.nodes))
+        assert clean
+        assert received.startswith(b"HTTP/1.1 200 ")
+        assert b"x-llm-ha-upstream: primary" in received
+        body = sse_body(received)
+        assert body.count(b"data: ") == EVENTS + 1 and body.endswith(b"data: [DONE]\n\n")
+        assert pool[node].inflight == 0 and handoff.active == 0 and handoff.pending == 0
+        assert relay.stream.record.outcome == "ok"
+        assert handoff.in_memory_connections == (0 if tcp else 1)
+        await handoff.stop()
+        await upstream.server.stop()
+        await clients[0].aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["in-memory", "tcp"])
+def test_a_cut_stream_that_cannot_resume_ends_with_an_error_event_and_a_broken_connection(tcp):
+    async def main():
+        clients: list = []
+        upstream = Upstream_(cut_after=10)
+        relay, pool = await open_stream(upstream, clients)
+        handoff = HandoffServer()
+        await handoff.start()
+        received, clean = await fetch(handoff, handoff.register(relay), tcp)
+        await asyncio.sleep(0.05)
+        assert not clean
+        assert b"stream_stream_cut" in received
+        assert pool[next(iter(pool.nodes))].inflight == 0 and handoff.active == 0
+        assert relay.breaks and relay.breaks[0][1].value == "stream_cut"
+        await handoff.stop()
+        await upstream.server.stop()
+        await clients[0].aclose()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_mid_stream_releases_the_lease_as_cancelled():
+    async def main():
+        clients: list = []
+        upstream = Upstream_(gap=0.02)
+        relay, pool = await open_stream(upstream, clients)
+        handoff = HandoffServer()
+        await handoff.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", handoff.port)
+        writer.write(f"GET {handoff.register(relay)} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        await reader.read(100)
+        writer.close()
+        for _ in range(100):
+            if handoff.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert handoff.active == 0
+        assert pool[next(iter(pool.nodes))].inflight == 0
+        assert relay.stream.released and relay.stream.record.outcome == "ok"  # not the node's failure
+        await handoff.stop()
+        await upstream.server.stop()
+        await clients[0].aclose()
+
+    asyncio.run(main())
+
+
+def test_an_unknown_token_is_answered_410_and_the_connection_serves_on():
+    async def main():
+        handoff = HandoffServer()
+        await handoff.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", handoff.port)
+        for _ in range(2):
+            writer.write(b"GET /llm-ha/handoff/nothing HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            assert head.startswith(b"HTTP/1.1 410") and b"handoff_expired" in body
+        writer.close()
+        await handoff.stop()
+
+    asyncio.run(main())
+
+
+class Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data, self.eof, self.lost, self.transport = b"", False, "open", None
+        self.paused = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self):
+        self.eof = True
+
+    def connection_lost(self, exc) -> None:
+        self.lost = type(exc).__name__ if exc else "closed"
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+
+def test_the_pipe_keeps_order_across_pauses_and_closes_like_a_socket():
+    async def main():
+        a, b = Collect(), Collect()
+        a_end = connect_pair(a, b, ("127.0.0.1", 1))
+        b_end = b.transport
+        a_end.write(b"one")
+        assert b.data == b"one"  # handed over in the same call
+        b_end.pause_reading()
+        assert a.paused == 1
+        a_end.write(b"two")
+        a_end.close()
+        assert b.data == b"one"
+        await asyncio.sleep(0)
+        assert b.lost == "open"  # the end waits behind the data
+        b_end.resume_reading()
+        assert b.data == b"onetwo"
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert b.eof and b.lost == "closed" and a.lost == "closed"
+
+        c, d = Collect(), Collect()
+        c_end = connect_pair(c, d, ("127.0.0.1", 2))
+        c_end.abort()
+        await asyncio.sleep(0)
+        assert d.lost == "ConnectionResetError" and not d.eof
+
+    asyncio.run(main())
