@@ -42,6 +42,14 @@ def test_budget_window_slides():
     assert budget.allows_retry(10.0)
 
 
+def test_budget_window_keeps_only_its_window_of_requests_when_nobody_asks():
+    """A retry budget that is never asked (no retries, no /status) must not keep every request's time."""
+    budget = RetryBudget(RetryBudgetSettings(percent=20, min_per_s=1, window=10))
+    for i in range(100_000):
+        budget.request(i * 0.01)  # 100 requests/s for 1,000 s
+    assert len(budget._requests) <= 1001
+
+
 def test_attempt_limit_is_the_smaller_of_its_own_and_what_is_left_of_the_deadline():
     assert attempt_limit(0.2, started=100.0, deadline=None, now=105.0) == 0.2
     assert attempt_limit(0.2, started=100.0, deadline=1.0, now=100.3) == 0.2

@@ -54,6 +54,7 @@ class RetryBudget:
 
     def request(self, now: float) -> None:
         """A request's first attempt on this upstream."""
+        self._expire(now)  # here too, not only when asked: a window nobody reads must not grow
         self._requests.append(now)
 
     def allows_retry(self, now: float) -> bool:
