@@ -41,7 +41,7 @@ bench-spike: $(STAMP)
 	$(PY) -m llmbench.bench_spike
 
 # The retry budget on and off, and hedging, on the spike: A, a two-node primary ejected at the document's
-# settings; B, a four-node primary kept in rotation (about 9 minutes; BENCH_ARGS="--scenario eject" for A).
+# settings; B, a four-node primary kept in rotation (about 8 minutes; BENCH_ARGS="--scenario eject" for A).
 bench-budget: $(STAMP)
 	$(PY) -m llmbench.bench_budget $(BENCH_ARGS)
 

@@ -21,9 +21,10 @@ Figures per run: requests sent, client-visible failures, the primary's attempts 
 requests counted at the primary's simulators, probes apart), all attempts per request (the
 `x-llm-ha-attempts` header), the same two during the spike (the POSTs that reached the simulators
 between the spike's start and end, counted then, over the requests sent in it; and the spike
-requests' `x-llm-ha-attempts`), the most attempts one request made, retries made and refused by the
-budget (llm-ha's `/status`), TTFT p50/p95/p99 as the client measured it, the share served by the
-primary, ejections, primary crashes.
+requests' `x-llm-ha-attempts`), the most attempts one request made, the primary attempts of the
+requests the fallback served (their `x-llm-ha-attempts` less the fallback's one), retries made and
+refused by the budget (llm-ha's `/status`), TTFT p50/p95/p99 as the client measured it, the share
+served by the primary, ejections, primary crashes.
 With several rounds each figure is the median [min-max] over the rounds, and the ratios to `budget`
 are the medians of the per-round ratios. Two figures help read the TTFT percentiles: the TTFT of the
 requests that made more than one attempt (those the budget and hedging act on), and a control, the
@@ -42,7 +43,7 @@ Scenario B, `no-eject`: what the budget is for, a fully overloaded primary of ma
 in rotation. The same seeded spike (its steady phases cut to 5 s before and 5 s after) to a primary of
 FOUR simulator nodes, each smaller (`--max-batch 4`: about 2.05 requests/s, 8.2 together, so the
 14/s spike is about 1.7 times what the primary can serve; four nodes of the full batch would take a
-28/s spike, more than this 2-core machine drives cleanly). Passive health checking is switched off
+28/s spike, which would measure this 2-core machine's limits, as above). Passive health checking is switched off
 for this scenario (`failure_rate_threshold: 100` and `min_requests: 1000000`: no 1 s interval ever
 has a million attempts, so no node is ejected), and `max_attempts_per_upstream: 4` on the primary,
 so that a request may try every primary node before the fallback. The same three runs, the same
@@ -258,6 +259,7 @@ def figures(result: RunResult, node_stats: list[dict], fallback_stats: dict, sta
     control = [r.ttft for r in result.records if r.ok and r.ttft is not None and r.attempts == 1
                and r.upstream == "fallback"]
     spike_requests = [r for r in result.records if r.phase == "spike"]
+    by_fallback = [r.attempts for r in result.records if r.ok and r.attempts and r.upstream == "fallback"]
     return {
         **summary,
         "primary_attempts": primary_attempts,
@@ -269,6 +271,7 @@ def figures(result: RunResult, node_stats: list[dict], fallback_stats: dict, sta
         "spike_attempts_per_request": (sum(r.attempts or 0 for r in spike_requests) / len(spike_requests)
                                        if spike_requests else None),
         "max_attempts": max((r.attempts or 0 for r in result.records), default=0),
+        "fallback_served_primary_attempts": (sum(by_fallback) / len(by_fallback) - 1) if by_fallback else None,
         "probes": sum(s["by_route"].get("GET /v1/models", 0) for s in node_stats),
         "retries": budget.get("retries"),
         "retries_denied": budget.get("retries_denied"),
@@ -307,6 +310,7 @@ ROWS = [  # (key, label, format, ratio to `budget`?)
     ("spike_primary_attempts_per_request", "spike: primary attempts / spike request (simulators)", "{:.3f}", True),
     ("spike_attempts_per_request", "spike: attempts / spike request, all upstreams", "{:.3f}", True),
     ("max_attempts", "most attempts made by one request", "{:.0f}", False),
+    ("fallback_served_primary_attempts", "served by the fallback: primary attempts each, mean", "{:.2f}", True),
     ("retries", "primary retries made (budget)", "{:.0f}", False),
     ("retries_denied", "primary retries refused (budget)", "{:.0f}", False),
     ("ttft_p50_ms", "TTFT p50 (ms)", "{:.0f}", True),
