@@ -94,3 +94,18 @@ upstreams:
             replayed = client.post(f.request.path, content=f.request.raw_content,
                                    headers={"content-type": "application/json"})
             assert replayed.status_code == 200 and replayed.content == f.response.content
+
+
+@pytest.mark.parametrize("recording", [False, True], ids=["plain mitmdump", "with -w"])
+def test_streamed_bodies_are_stored_only_when_something_keeps_the_flows(tmp_path, simulators, proxies, recording):
+    primary = simulators("--no-physics")
+    args = ["-w", str(tmp_path / "traffic.flows")] if recording else []
+    proxy = proxies(f"""
+upstreams:
+  - name: primary
+    nodes: ["{primary.url}"]
+""", reverse=primary.url, args=args)
+    sync_client(proxy.url)
+    proxy.stop()
+    said = [line for line in proxy.output().splitlines() if "llm-ha: setting" in line]
+    assert said and ("store_streamed_bodies=True" in said[0]) == recording, said

@@ -87,6 +87,7 @@ from .scenario import (
     _save,
     ejection_periods,
     estimated_capacity,
+    selected_runs,
     summarize_run,
 )
 
@@ -388,10 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hedge-after", default="150ms", help="the hedge run's hedge_after; default 150ms")
     p.add_argument("--out", default=str(DEFAULT_OUT / "bench-budget"), help="output folder")
     args = p.parse_args(argv)
-    names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown run {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    names = selected_runs(p, args.only, VARIANTS)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     from llmha.core.profile import parse_duration

@@ -65,6 +65,7 @@ from .scenario import (
     describe_scale,
     estimated_capacity,
     run_scenario,
+    selected_runs,
     summarize_run,
 )
 
@@ -299,10 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="no PNG timeline per run")
     p.add_argument("--out", default=str(DEFAULT_OUT / "bench-spike"), help="output folder; default out/bench-spike")
     args = p.parse_args(argv)
-    names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown run {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    names = selected_runs(p, args.only, VARIANTS)
     if args.scale <= 0:
         p.error("--scale must be positive")
     args.names = names or list(VARIANTS)

@@ -155,6 +155,15 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
+def selected_runs(parser, only: list[str], known) -> list[str]:
+    """The runs `--only NAME,NAME` (given any number of times) asks for; a name not in `known` is a usage error."""
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown run {unknown[0]!r}; known: {', '.join(known)}")
+    return names
+
+
 def estimated_capacity(max_tokens: int, prompt_tokens: int = 32, batch: int | None = None) -> float:
     """Requests per second (document time) the primary completes at its full batch, from its physics.
 

@@ -269,6 +269,8 @@ class RuntimeLoader:
     def configure(self, updated: set[str]) -> None:
         if updated & {"llm_ha_profile", "mode"}:
             self._load_profile()
+        if "save_stream_file" in updated and self._running and self.runtime:
+            self._adjust_mitmproxy_options()  # a recording started later must hold the streamed answers too
         if "stream_large_bodies" in updated and self._running and self.runtime and ctx.options.stream_large_bodies:
             raise exceptions.OptionsError("llm-ha: stream_large_bodies cannot be set while a profile is loaded: "
                                           "mitmproxy would send LLM requests on before the gate, and twice")
@@ -353,12 +355,18 @@ class RuntimeLoader:
             # mitmproxy sends a large request body on to the server before any addon's `request` hook sees it,
             # and then the gate would send the LLM request a second time. llm-ha streams LLM answers itself.
             wanted["stream_large_bodies"] = None
-        if not ctx.options.store_streamed_bodies:
-            wanted["store_streamed_bodies"] = True  # recordings (-w) must hold the streamed answers
+        if not ctx.options.store_streamed_bodies and _keeps_flows():
+            wanted["store_streamed_bodies"] = True  # recordings (-w) and the UIs must hold the streamed answers
         if wanted:
             settings = ", ".join(f"{k}={'off' if v is None else v}" for k, v in wanted.items())
             logger.info(f"llm-ha: setting {settings}")
             ctx.options.update(**wanted)
+
+
+def _keeps_flows() -> bool:
+    """Something keeps the flows once they are over: a recording (`-w`), or a UI's flow list (console, web).
+    Plain mitmdump drops them; storing every streamed answer's body would then cost a copy per chunk for nobody."""
+    return bool(getattr(ctx.options, "save_stream_file", None)) or getattr(ctx.master, "view", None) is not None
 
 
 # -- what a profile reload changed, for the log
