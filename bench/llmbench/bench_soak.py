@@ -125,6 +125,18 @@ class Soak:
         return duration
 
 
+def start_proxy(which: str, profile: Path, upstream: str, workdir: Path) -> MitmProcess:
+    """mitmdump + llm-ha, or bare mitmdump (streaming bodies as llm-ha does: `stream_large_bodies`)."""
+    options = {"flow_detail": 0, "termlog_verbosity": "warn"}
+    common = {"confdir": str(workdir / "mitmproxy-conf"), "log_path": str(workdir / "mitmdump.log")}
+    if which == "llm-ha":
+        return start_mitmdump(profile, reverse=upstream, options=options, **common)
+    script = workdir / "bare.py"
+    script.write_text('"""No addon."""\n')
+    return start_mitmdump(None, reverse=upstream, options={**options, "stream_large_bodies": "1"}, status=False,
+                          script=script, **common)
+
+
 def inflight(proxy: MitmProcess) -> int:
     return sum(node["inflight"] for upstream in proxy.status()["upstreams"] for node in upstream["nodes"])
 
@@ -185,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-interval", type=float, default=None, help="seconds between samples; default 10")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer; default 16")
     parser.add_argument("--token-time", type=float, default=0.01, help="seconds per token upstream; default 0.01")
+    parser.add_argument("--proxy", choices=("llm-ha", "mitmdump"), default="llm-ha",
+                        help="mitmdump + llm-ha (default), or bare mitmdump for comparison")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"folder of the JSON results; default {OUT_DIR}")
     args = parser.parse_args(argv)
     quick = {"requests": 400, "concurrency": 20, "sample_interval": 1.0}
@@ -203,15 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     raise_fd_limit()
     console = Console(width=160)
     console.print(f"Soak: {args.requests} streamed requests of {args.max_tokens} tokens "
-                  f"({args.token_time * 1000:g} ms/token), {args.concurrency} at a time, through mitmdump + llm-ha")
+                  f"({args.token_time * 1000:g} ms/token), {args.concurrency} at a time, through "
+                  + ("mitmdump + llm-ha" if args.proxy == "llm-ha" else "bare mitmdump"))
     primary_args = ("--no-physics", "--token-time", str(args.token_time), *SIM_QUIET)
     with (tempfile.TemporaryDirectory(prefix="llm-ha-soak-") as workdir,
           start_simulator("--no-physics", *SIM_QUIET) as fallback, start_simulator(*primary_args) as primary):
         profile = Path(workdir) / "profile.yaml"
         profile.write_text(PROFILE.format(fallback=fallback.url))
-        with start_mitmdump(profile, reverse=primary.url, options={"flow_detail": 0, "termlog_verbosity": "warn"},
-                            confdir=str(Path(workdir) / "mitmproxy-conf"),
-                            log_path=str(Path(workdir) / "mitmdump.log")) as proxy:
+        with start_proxy(args.proxy, profile, primary.url, Path(workdir)) as proxy:
             soak = Soak(proxy, args.requests, args.concurrency, args.max_tokens)
 
             def say(sample: Sample) -> None:
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"RSS {sample.rss_mib:6.1f} MiB  {sample.fds:4d} fds  CPU {sample.cpu_pct:3.0f} %[/dim]")
 
             duration = asyncio.run(soak.run(args.sample_interval, say))
-            result = summary(soak.samples, soak.answers, duration, inflight(proxy),
+            result = summary(soak.samples, soak.answers, duration, inflight(proxy) if args.proxy == "llm-ha" else 0,
                              proc_status_kib(proxy.process.pid, "VmHWM"), args.max_tokens)
     console.print(samples_table(soak.samples))
     console.print(f"{result['requests']} requests in {result['duration_s']} s ({result['requests_per_s']}/s), "
