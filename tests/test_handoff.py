@@ -2,8 +2,10 @@
 fetched the way mitmproxy fetches it (`asyncio.open_connection`, in memory), and over loopback TCP."""
 
 import asyncio
+import contextlib
 import json
 import socket
+from dataclasses import dataclass
 
 import pytest
 
@@ -43,19 +45,38 @@ class Upstream_:
         await responder.send(b"data: [DONE]\n\n")
 
 
-async def open_stream(upstream: Upstream_, pool_box: list) -> tuple[Relay, NodePool]:
+@dataclass
+class Served:
+    relay: Relay
+    pool: NodePool
+    handoff: HandoffServer
+
+    @property
+    def inflight(self) -> int:
+        return self.pool[next(iter(self.pool.nodes))].inflight
+
+
+@contextlib.asynccontextmanager
+async def served(upstream: Upstream_):
+    """A stream opened by the real gate on `upstream`, parked in a started hand-off server; all stopped after."""
     await upstream.server.start()
     profile = Profile(path="h.yaml", upstreams=(Upstream("primary", (upstream.server.url,), first_byte_timeout=2.0),))
     pool = NodePool(profile, 0.0)
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}).encode()
     request = LlmRequest.parse_body("POST", "/v1/chat/completions", [], body)
     client = UpstreamClient()
-    pool_box.append(client)
-    result = await Gate(pool, client).run(request, CandidatePicker(profile).candidates(pool, 0.0))
-    assert result.stream is not None, result.attempts
-    relay = Relay(result.stream, [("x-llm-ha-upstream", "primary")])
-    relay.follower = StreamFollower(request.protocol, lazy=True)
-    return relay, pool
+    handoff = HandoffServer()
+    try:
+        result = await Gate(pool, client).run(request, CandidatePicker(profile).candidates(pool, 0.0))
+        assert result.stream is not None, result.attempts
+        relay = Relay(result.stream, [("x-llm-ha-upstream", "primary")])
+        relay.follower = StreamFollower(request.protocol, lazy=True)
+        await handoff.start()
+        yield Served(relay, pool, handoff)
+    finally:
+        await handoff.stop()
+        await upstream.server.stop()
+        await client.aclose()
 
 
 async def fetch(handoff: HandoffServer, path: str, tcp: bool) -> tuple[bytes, bool]:
@@ -97,26 +118,18 @@ def sse_body(received: bytes) -> bytes:
 @pytest.mark.parametrize("tcp", [False, True], ids=["in-memory", "tcp"])
 def test_a_whole_stream_is_delivered_and_its_lease_released_ok(tcp):
     async def main():
-        clients: list = []
-        upstream = Upstream_()
-        relay, pool = await open_stream(upstream, clients)
-        handoff = HandoffServer()
-        await handoff.start()
-        assert handoff.in_memory
-        received, clean = await fetch(handoff, handoff.register(relay), tcp)
-        await asyncio.sleep(0.05)
-        node = next(iter(pool.nodes))
-        assert clean
-        assert received.startswith(b"HTTP/1.1 200 ")
-        assert b"x-llm-ha-upstream: primary" in received
-        body = sse_body(received)
-        assert body.count(b"data: ") == EVENTS + 1 and body.endswith(b"data: [DONE]\n\n")
-        assert pool[node].inflight == 0 and handoff.active == 0 and handoff.pending == 0
-        assert relay.stream.record.outcome == "ok"
-        assert handoff.in_memory_connections == (0 if tcp else 1)
-        await handoff.stop()
-        await upstream.server.stop()
-        await clients[0].aclose()
+        async with served(Upstream_()) as s:
+            assert s.handoff.in_memory
+            received, clean = await fetch(s.handoff, s.handoff.register(s.relay), tcp)
+            await asyncio.sleep(0.05)
+            assert clean
+            assert received.startswith(b"HTTP/1.1 200 ")
+            assert b"x-llm-ha-upstream: primary" in received
+            body = sse_body(received)
+            assert body.count(b"data: ") == EVENTS + 1 and body.endswith(b"data: [DONE]\n\n")
+            assert s.inflight == 0 and s.handoff.active == 0 and s.handoff.pending == 0
+            assert s.relay.stream.record.outcome == "ok"
+            assert s.handoff.in_memory_connections == (0 if tcp else 1)
 
     asyncio.run(main())
 
@@ -124,45 +137,30 @@ def test_a_whole_stream_is_delivered_and_its_lease_released_ok(tcp):
 @pytest.mark.parametrize("tcp", [False, True], ids=["in-memory", "tcp"])
 def test_a_cut_stream_that_cannot_resume_ends_with_an_error_event_and_a_broken_connection(tcp):
     async def main():
-        clients: list = []
-        upstream = Upstream_(cut_after=10)
-        relay, pool = await open_stream(upstream, clients)
-        handoff = HandoffServer()
-        await handoff.start()
-        received, clean = await fetch(handoff, handoff.register(relay), tcp)
-        await asyncio.sleep(0.05)
-        assert not clean
-        assert b"stream_stream_cut" in received
-        assert pool[next(iter(pool.nodes))].inflight == 0 and handoff.active == 0
-        assert relay.breaks and relay.breaks[0][1].value == "stream_cut"
-        await handoff.stop()
-        await upstream.server.stop()
-        await clients[0].aclose()
+        async with served(Upstream_(cut_after=10)) as s:
+            received, clean = await fetch(s.handoff, s.handoff.register(s.relay), tcp)
+            await asyncio.sleep(0.05)
+            assert not clean
+            assert b"stream_stream_cut" in received
+            assert s.inflight == 0 and s.handoff.active == 0
+            assert s.relay.breaks and s.relay.breaks[0][1].value == "stream_cut"
 
     asyncio.run(main())
 
 
 def test_a_client_that_leaves_mid_stream_releases_the_lease_as_cancelled():
     async def main():
-        clients: list = []
-        upstream = Upstream_(gap=0.02)
-        relay, pool = await open_stream(upstream, clients)
-        handoff = HandoffServer()
-        await handoff.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", handoff.port)
-        writer.write(f"GET {handoff.register(relay)} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
-        await reader.read(100)
-        writer.close()
-        for _ in range(100):
-            if handoff.active == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert handoff.active == 0
-        assert pool[next(iter(pool.nodes))].inflight == 0
-        assert relay.stream.released and relay.stream.record.outcome == "ok"  # not the node's failure
-        await handoff.stop()
-        await upstream.server.stop()
-        await clients[0].aclose()
+        async with served(Upstream_(gap=0.02)) as s:
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.handoff.port)
+            writer.write(f"GET {s.handoff.register(s.relay)} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            await reader.read(100)
+            writer.close()
+            for _ in range(100):
+                if s.handoff.active == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert s.handoff.active == 0 and s.inflight == 0
+            assert s.relay.stream.released and s.relay.stream.record.outcome == "ok"  # not the node's failure
 
     asyncio.run(main())
 
