@@ -230,3 +230,47 @@ def test_the_pipe_keeps_order_across_pauses_and_closes_like_a_socket():
         assert d.lost == "ConnectionResetError" and not d.eof
 
     asyncio.run(main())
+
+
+class Pausing(Collect):
+    """Reads like asyncio's StreamReader: pauses its transport once it holds more than `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.resumed = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if len(self.data) > self.limit:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+
+
+def test_a_reader_that_pauses_again_while_taking_its_backlog_keeps_the_writer_paused():
+    """Backpressure: the hand-off (writer) must stay paused while mitmproxy (reader) cannot take more, or a slow
+    client would let the upstream fill memory."""
+    async def main():
+        reader, writer = Pausing(limit=10), Pausing(limit=10**9)
+        reader_end = connect_pair(reader, writer, ("127.0.0.1", 3))
+        writer_end = writer.transport
+        writer_end.write(b"x" * 11)  # over the limit: the reader pauses, the writer is asked to stop
+        assert reader.paused == 0 and writer.paused == 1
+        writer_end.write(b"a")
+        writer_end.write(b"b")
+        assert reader.data == b"x" * 11  # held for the reader
+        reader.data = b""  # it reads its buffer...
+        reader_end.resume_reading()  # ...and resumes: "a" is taken; still under the limit, so "b" too
+        assert reader.data == b"ab" and writer.resumed == 1
+        reader.limit = 0
+        writer_end.write(b"c")  # pauses again
+        assert writer.paused == 2
+        writer_end.write(b"d")
+        writer_end.write(b"e")
+        reader.data = b""
+        reader_end.resume_reading()  # "d" goes in and pauses it again: "e" waits, the writer stays paused
+        assert reader.data == b"d" and writer.resumed == 1 and writer.paused == 3
+
+    asyncio.run(main())

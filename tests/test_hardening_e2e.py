@@ -463,3 +463,35 @@ def _poll(check, describe, timeout: float) -> None:
     while not check():
         assert time.monotonic() < deadline, describe()
         time.sleep(0.2)
+
+
+def test_a_slow_reader_holds_the_upstream_back_instead_of_filling_memory(simulators, proxies):
+    """Backpressure through the hand-off: a client reading a long fast stream slowly must slow the upstream
+    down; without it mitmdump would buffer the whole answer (about 45 MB here)."""
+    primary = simulators("--no-physics", "--max-output-tokens", "200000")
+    proxy = proxies(f"""
+upstreams:
+  - name: primary
+    nodes: ["{primary.url}"]
+""", reverse=primary.url)
+    pid = proxy.process.pid
+    rss = _rss_mb(pid)
+
+    async def slow_reader() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        body = json.dumps({"model": "m", "stream": True, "max_tokens": 200000,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        got = 0
+        for _ in range(300):  # 3 s, 4 KiB every 10 ms: about 1.2 MB read
+            got += len(await reader.read(4096))
+            await asyncio.sleep(0.01)
+        writer.close()
+        return got
+
+    got = asyncio.run(slow_reader())
+    assert got > 100_000
+    grown = _rss_mb(pid) - rss
+    assert grown < 20, f"RSS grew by {grown:.1f} MB while a client read slowly"
+    assert primary.stats()["completed"] == 0, "the upstream must have been held back, not read to the end"

@@ -89,14 +89,14 @@ class PipeEnd(asyncio.Transport):
         if self._reading or self._lost:
             return
         self._reading = True
-        backlog, self._backlog = self._backlog, []
         loop = asyncio.get_running_loop()
-        for item in backlog:
+        while self._backlog and self._reading:  # the protocol may pause again while it takes the backlog
+            item = self._backlog.pop(0)
             if isinstance(item, bytes):
                 self._protocol.data_received(item)  # type: ignore[attr-defined]
             else:
                 loop.call_soon(item)
-        if self.peer is not None and not self.peer._lost:
+        if self._reading and self.peer is not None and not self.peer._lost:
             _call(self.peer._protocol, "resume_writing")
 
     def is_reading(self) -> bool:
