@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import zlib
 from dataclasses import dataclass
 
 import pytest
@@ -29,20 +30,26 @@ def chunk(i: int) -> bytes:
 class Upstream_:
     """An SSE server: EVENTS events, then [DONE]; `cut_after` resets the connection after that many."""
 
-    def __init__(self, cut_after: int | None = None, gap: float = 0.0) -> None:
-        self.cut_after, self.gap = cut_after, gap
+    def __init__(self, cut_after: int | None = None, gap: float = 0.0, gzip: bool = False) -> None:
+        self.cut_after, self.gap, self.gzip = cut_after, gap, gzip
         self.server = HttpServer(self.serve)
 
     async def serve(self, request, responder) -> None:
-        await responder.start(200, [("content-type", "text/event-stream")])
+        encoder = zlib.compressobj(wbits=31) if self.gzip else None  # despite the gate's `accept-encoding: identity`
+
+        def encoded(data: bytes) -> bytes:
+            return encoder.compress(data) + encoder.flush(zlib.Z_SYNC_FLUSH) if encoder else data
+
+        await responder.start(200, [("content-type", "text/event-stream"),
+                                    *([("content-encoding", "gzip")] if self.gzip else [])])
         for i in range(EVENTS):
             if self.cut_after is not None and i == self.cut_after:
                 responder.abort()
                 return
-            await responder.send(chunk(i))
+            await responder.send(encoded(chunk(i)))
             if self.gap:
                 await asyncio.sleep(self.gap)
-        await responder.send(b"data: [DONE]\n\n")
+        await responder.send(encoded(b"data: [DONE]\n\n") + (encoder.flush() if encoder else b""))
 
 
 @dataclass
@@ -130,6 +137,20 @@ def test_a_whole_stream_is_delivered_and_its_lease_released_ok(tcp):
             assert s.inflight == 0 and s.handoff.active == 0 and s.handoff.pending == 0
             assert s.relay.stream.record.outcome == "ok"
             assert s.handoff.in_memory_connections == (0 if tcp else 1)
+
+    asyncio.run(main())
+
+
+def test_a_compressed_stream_that_arrived_before_the_fetch_is_delivered_decoded():
+    """What the upstream sent while the stream waited to be fetched is decoded like the rest."""
+    async def main():
+        async with served(Upstream_(gzip=True)) as s:
+            path = s.handoff.register(s.relay)
+            await asyncio.sleep(0.2)  # the whole answer arrives and waits, still compressed
+            received, clean = await fetch(s.handoff, path, tcp=False)
+            body = sse_body(received)
+            assert clean and b"content-encoding" not in received.partition(b"\r\n\r\n")[0]
+            assert body.count(b"data: ") == EVENTS + 1 and body.endswith(b"data: [DONE]\n\n")
 
     asyncio.run(main())
 

@@ -380,20 +380,20 @@ class _Connection(asyncio.Protocol):
         self._queued = 0
         self._sink = sink
         if waiting:
-            self._to_sink(b"", waiting)
+            self._to_sink(waiting)
         elif self._ended or self._lost is not None:
             self._sink_ends()
         if self._paused:
             self.resume()
 
-    def _to_sink(self, out: bytes, decoded: bytes | None = None) -> None:
+    def _to_sink(self, out: bytes) -> None:
+        """Body data (its framing removed) to the sink, content-encoding undone."""
         sink = self._sink
-        if decoded is None:
-            try:
-                decoded = self._decode(out) if self._decode and out else out
-            except Exception as e:  # a corrupt gzip stream
-                self._fail(ConnectionBroken(f"bad content-encoding: {e}"))
-                return
+        try:
+            decoded = self._decode(out) if self._decode and out else out
+        except Exception as e:  # a corrupt gzip stream
+            self._fail(ConnectionBroken(f"bad content-encoding: {e}"))
+            return
         if self._body is not None and self._body.done:
             self._ended = True
         if decoded:
