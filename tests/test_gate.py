@@ -89,7 +89,7 @@ def test_each_failure_fails_over_and_releases_its_lease(primary, outcome):
     assert result.stream is not None and result.winner.upstream.name == "fallback"
     p, f = pool[NodeId("primary", PRIMARY)], pool[NodeId("fallback", FALLBACK)]
     assert (p.inflight, p.monitor.failures, f.inflight) == (0, 1, 1), "the open stream holds the fallback's lease"
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
     assert f.inflight == 0 and f.monitor.failures == 0
 
 

@@ -101,7 +101,7 @@ def test_a_late_first_token_is_hedged_on_the_next_candidate_and_the_loser_is_not
     primary, fallback = pool[NodeId("primary", PRIMARY)], pool[NodeId("fallback", FALLBACK)]
     assert (primary.inflight, primary.monitor.failures) == (0, 0), "lost a race: not the node's failure"
     assert fallback.inflight == 1, "the winner's stream holds its lease"
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
     assert fallback.inflight == 0 and fallback.monitor.failures == 0
 
 
@@ -109,7 +109,7 @@ def test_an_answer_before_hedge_after_starts_no_hedge():
     client = Client(**{PRIMARY: [Slow(0.0)], FALLBACK: []})
     result, _, _ = run(client, profile(hedge_after=0.2))
     assert outcomes(result) == [("primary", "ok", False)] and client.sent == [PRIMARY]
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
 
 
 def test_the_first_attempt_still_wins_if_it_answers_first_and_the_hedge_is_closed():
@@ -120,7 +120,7 @@ def test_the_first_attempt_still_wins_if_it_answers_first_and_the_hedge_is_close
     assert client.cancelled == [FALLBACK]
     fallback = pool[NodeId("fallback", FALLBACK)]
     assert (fallback.inflight, fallback.monitor.failures) == (0, 0)
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
 
 
 def test_an_attempt_whose_own_first_byte_timeout_passes_during_the_race_is_a_timeout_as_usual():
@@ -129,7 +129,7 @@ def test_an_attempt_whose_own_first_byte_timeout_passes_during_the_race_is_a_tim
     assert outcomes(result) == [("primary", "timeout", False), ("fallback", "ok", True)]
     assert pool[NodeId("primary", PRIMARY)].monitor.failures == 1
     assert pool[NodeId("fallback", FALLBACK)].monitor.failures == 0
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
 
 
 def test_no_hedge_on_a_candidate_without_room():
@@ -141,7 +141,7 @@ def test_no_hedge_on_a_candidate_without_room():
     assert outcomes(result) == [("primary", "ok", False)], "waited for the primary rather than pass the limit"
     assert pool[NodeId("fallback", FALLBACK)].shed == 1
     held.release(Outcome.OK, 1.0)
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
 
 
 def test_a_hedge_on_the_same_upstream_is_a_retry_and_needs_its_budget():
@@ -154,7 +154,7 @@ def test_a_hedge_on_the_same_upstream_is_a_retry_and_needs_its_budget():
     assert result.winner.upstream.name == "fallback"
     assert [a.upstream for a in result.attempts] == ["primary", "fallback"], "the second primary node not asked"
     assert retry.budget("primary").denied == 1
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
 
 
 def test_with_budget_the_hedge_goes_to_the_next_node_and_the_first_to_answer_wins():
@@ -166,7 +166,7 @@ def test_with_budget_the_hedge_goes_to_the_next_node_and_the_first_to_answer_win
         ("primary", "cancelled", False), ("primary", "cancelled", True), ("fallback", "ok", True)]
     assert took < 0.25 and sorted(client.cancelled) == [PRIMARY, PRIMARY_2]
     assert all(pool[NodeId("primary", url)].inflight == 0 for url in (PRIMARY, PRIMARY_2))
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
 
 
 def test_a_non_streaming_chat_request_is_hedged_too_and_gets_its_assembled_answer():
@@ -181,7 +181,7 @@ def test_without_hedge_after_the_gate_waits_for_the_late_first_token():
     client = Client(**{PRIMARY: [Slow(0.1)], FALLBACK: []})
     result, _, took = run(client, profile(hedge_after=None))
     assert outcomes(result) == [("primary", "ok", False)] and took >= 0.1
-    asyncio.run(result.stream.close(Outcome.OK))
+    result.stream.finish(Outcome.OK)
 
 
 def test_a_client_that_leaves_mid_race_gets_every_attempt_closed_and_no_node_blamed():

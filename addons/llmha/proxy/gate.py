@@ -158,9 +158,6 @@ class OpenStream:
             self.lease.release(outcome, self.clock())
         self.response.finish()
 
-    async def close(self, outcome: Outcome) -> None:
-        self.finish(outcome)
-
 
 @dataclass
 class GateResult:
@@ -217,7 +214,9 @@ async def _close_losers(racing: list[_Racer]) -> None:
     await asyncio.gather(*(r.task for r in racing), return_exceptions=True)
     for racer in racing:
         if racer.own.stream is not None and not racer.own.stream.released:
-            await racer.own.stream.close(Outcome.CANCELLED)
+            racer.own.stream.finish(Outcome.CANCELLED)
+
+
 _ANSWERED = {Outcome.OK, Outcome.CLIENT_ERROR}  # the attempt's answer goes to the client
 
 

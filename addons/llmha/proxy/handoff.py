@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 from ..core.splice import Answer, Splicer, StreamFollower, splice_comment
 from ..core.types import Outcome
-from ..tasks import background
 from .gate import OpenStream
+from .httpserver import path_of
 from .pipe import Shortcut
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class HandoffServer:
             connection.abort()
         await asyncio.sleep(0)  # the aborted connections' `connection_lost` end their streams
         for token in list(self._pending):
-            await self._expire(token)
+            self.release(PATH_PREFIX + token)
 
     async def drain(self, limit: float) -> None:
         """Wait (at most `limit` seconds) until no stream is parked or being delivered."""
@@ -121,15 +121,16 @@ class HandoffServer:
     def register(self, relay: Relay) -> str:
         """Park an open stream; returns the path under which mitmproxy fetches it once."""
         token = secrets.token_urlsafe(18)
-        expiry = asyncio.get_running_loop().call_later(self.claim_timeout, self._spawn_expiry, token)
+        path = PATH_PREFIX + token
+        expiry = asyncio.get_running_loop().call_later(self.claim_timeout, self.release, path)
         self._pending[token] = _Pending(relay, expiry)
-        return PATH_PREFIX + token
+        return path
 
     def release(self, path: str) -> None:
-        """The flow died before fetching its stream: close it now."""
-        token = path.removeprefix(PATH_PREFIX)
-        if token in self._pending:
-            self._spawn_expiry(token)
+        """The flow died before fetching its stream, or did not fetch it in time: close it now."""
+        relay = self.claim(path)
+        if relay is not None:
+            relay.stream.finish(Outcome.CANCELLED)
 
     @property
     def pending(self) -> int:
@@ -141,16 +142,6 @@ class HandoffServer:
             return None
         pending.expiry.cancel()
         return pending.relay
-
-    def _spawn_expiry(self, token: str) -> None:
-        background(self._expire(token))
-
-    async def _expire(self, token: str) -> None:
-        pending = self._pending.pop(token, None)
-        if pending is None:
-            return
-        pending.expiry.cancel()
-        await pending.relay.stream.close(Outcome.CANCELLED)
 
     def _connection(self) -> HandoffConnection:
         return HandoffConnection(self)
@@ -215,7 +206,7 @@ class HandoffConnection(asyncio.Protocol):
         length = dict(_header(line) for line in header_lines).get("content-length", "0")
         self._skip = int(length) if length.isdigit() else 0
         self._chunked = parts[2] != "HTTP/1.0"
-        relay = self.server.claim(_path_of(parts[1]))
+        relay = self.server.claim(path_of(parts[1]))
         if relay is None:
             self._respond_gone()
             self._next_request()
@@ -418,7 +409,7 @@ class Delivery:
         if continuation is None:
             self._end()
         elif self.connection.closed:  # the client left while the continuation was sought
-            await continuation.close(Outcome.CANCELLED)
+            continuation.finish(Outcome.CANCELLED)
             self._end()
         else:
             self.relay.stream = continuation
@@ -474,10 +465,4 @@ def _header(line: str) -> tuple[str, str]:
     name, _, value = line.partition(":")
     return name.strip().lower(), value.strip()
 
-
-def _path_of(target: str) -> str:
-    """The path, also from an absolute-form target (`GET http://host/path`, as proxies send)."""
-    if target.startswith(("http://", "https://")):
-        target = "/" + target.split("://", 1)[1].partition("/")[2]
-    return target.split("?", 1)[0]
 

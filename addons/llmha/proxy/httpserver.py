@@ -39,11 +39,14 @@ class Request:
 
     @property
     def path(self) -> str:
-        """The path, also from an absolute-form target (`POST http://host/path`, as proxies send)."""
-        target = self.target
-        if target.startswith(("http://", "https://")):
-            target = "/" + target.split("://", 1)[1].partition("/")[2]
-        return target.split("?", 1)[0]
+        return path_of(self.target)
+
+
+def path_of(target: str) -> str:
+    """A request target's path, also from an absolute-form target (`POST http://host/path`, as proxies send)."""
+    if target.startswith(("http://", "https://")):
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    return target.split("?", 1)[0]
 
 
 @dataclass
