@@ -209,8 +209,8 @@ def test_the_profile_key_health_scope(tmp_path):
         load("health_scope: models")
 
 
-def metrics_with_model_entries() -> str:
-    """`/metrics` of a pool whose hosted node has model-a ejected and model-b healthy."""
+def status_with_model_entries() -> dict:
+    """`/status` of a pool whose hosted node has model-a ejected and model-b healthy."""
     class Events:
         failovers = 0
         recent: list = []
@@ -218,7 +218,12 @@ def metrics_with_model_entries() -> str:
     _, pool, _ = setup(SELF_HOSTED, HOSTED)
     pool.record(pool.health_entry(PROVIDER, "model-a", T0), Outcome.RATE_LIMITED, None, T0 + 0.1, True)
     pool.record(pool.health_entry(PROVIDER, "model-b", T0), Outcome.OK, None, T0 + 0.2, True)
-    status = build_status(pool, Events(), T0 + 1.5)
+    return build_status(pool, Events(), T0 + 1.5)
+
+
+def metrics_with_model_entries() -> str:
+    """`/metrics` of that status."""
+    status = status_with_model_entries()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StatusCollector(lambda: status))
     return generate_latest(registry).decode()
@@ -245,15 +250,8 @@ def test_promtool_finds_the_metrics_with_model_entries_clean():
 
 
 def test_the_panel_has_a_line_per_model_entry_under_its_node():
-    class Events:
-        failovers = 0
-        recent: list = []
-
-    _, pool, _ = setup(SELF_HOSTED, HOSTED)
-    pool.record(pool.health_entry(PROVIDER, "model-a", T0), Outcome.RATE_LIMITED, None, T0 + 0.1, True)
-    pool.record(pool.health_entry(PROVIDER, "model-b", T0), Outcome.OK, None, T0 + 0.2, True)
     console = Console(width=140, record=True)
-    console.print(build_panel(build_status(pool, Events(), T0 + 1.5)))
+    console.print(build_panel(status_with_model_entries()))
     lines = console.export_text().splitlines()
     hosted = next(i for i, line in enumerate(lines) if PROVIDER.url in line)
     assert "healthy" in lines[hosted]

@@ -10,6 +10,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.asking import chat, served
+
 pytestmark = pytest.mark.e2e
 
 INTERVAL = 0.2
@@ -32,16 +34,6 @@ upstreams:
   - name: fallback
     nodes: ["{fallback}"]
 """
-
-
-def chat(proxy, stream: bool = True) -> httpx.Response:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 4}
-    return httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=10)
-
-
-def served(response: httpx.Response) -> tuple[str, str]:
-    assert response.status_code == 200, response.text
-    return response.headers["x-llm-ha-upstream"], response.headers["x-llm-ha-attempts"]
 
 
 def metrics(proxy) -> dict:

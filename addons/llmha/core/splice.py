@@ -161,6 +161,7 @@ class StreamProtocol:
     api = "openai"  # the name an upstream's `protocols` lists when it speaks this API
     boundary = EVENT_END  # what ends one event: SSE's blank line
     urgent = re.compile(rb'"error"|\[DONE\]')  # an event that may end the stream: followed at once
+    opens_before_content = False  # the stream opens with events that carry no token (see `started`)
 
     def data_of(self, event: bytes) -> str | None:
         """One event's data; None for an event without (a comment)."""
@@ -175,10 +176,21 @@ class StreamProtocol:
         return payload.get("stream") is True
 
     def started(self, answer: Answer) -> bool:
-        """The first token has come (OpenAI's servers send none of their events before it)."""
-        return answer.events > 0
+        """The first token has come. OpenAI's servers send none of their events before it; an API whose
+        stream opens with events that carry none (`message_start`, pings, `response.created`) waits for
+        content (`opens_before_content`)."""
+        if not self.opens_before_content:
+            return answer.events > 0
+        return bool(answer.content_events or answer.reasoning or answer.tool_call_started or answer.done
+                    or answer.finish_reason)
 
     def follow(self, answer: Answer, data: str) -> None:
+        """One event's data, followed into `answer`; data that is not a JSON object is passed over."""
+        obj = _json(data)
+        if obj is not None:
+            self.follow_object(answer, obj)
+
+    def follow_object(self, answer: Answer, obj: dict) -> None:
         raise NotImplementedError
 
     @property
@@ -224,10 +236,7 @@ class StreamProtocol:
 class OpenAIEvents(StreamProtocol):
     """OpenAI's streamed events: an object with `choices` (choice 0 followed), `usage`, or `error`."""
 
-    def follow(self, answer: Answer, data: str) -> None:
-        obj = _json(data)
-        if obj is None:
-            return
+    def follow_object(self, answer: Answer, obj: dict) -> None:
         if obj.get("error") is not None:
             answer.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
             return
@@ -308,11 +317,6 @@ class TextCompletions(OpenAIEvents):
         return _fewer_tokens({**payload, "prompt": payload["prompt"] + answer.content}, answer.content_events)
 
 
-def _started_content(answer: Answer) -> bool:
-    return bool(answer.content_events or answer.reasoning or answer.tool_call_started or answer.done
-                or answer.finish_reason)
-
-
 def _sse_event(name: str, obj: dict) -> bytes:
     return f"event: {name}\ndata: ".encode() + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -323,15 +327,10 @@ class AnthropicMessages(StreamProtocol):
     API's native prefill: the partial answer as the last, assistant, message."""
 
     name = api = "anthropic"
+    opens_before_content = True
     urgent = re.compile(rb'"error"|message_stop')
 
-    def started(self, answer: Answer) -> bool:
-        return _started_content(answer)
-
-    def follow(self, answer: Answer, data: str) -> None:
-        obj = _json(data)
-        if obj is None:
-            return
+    def follow_object(self, answer: Answer, obj: dict) -> None:
         kind = obj.get("type")
         if kind == "error" or (kind is None and obj.get("error") is not None):
             error = obj.get("error")
@@ -406,20 +405,15 @@ class Responses(StreamProtocol):
     finished turn, and the model answers it afresh)."""
 
     name = api = "responses"
+    opens_before_content = True
     _END = {"response.completed", "response.incomplete"}
     urgent = re.compile(rb'"error"|response\.(completed|incomplete|failed)')
 
-    def started(self, answer: Answer) -> bool:
-        return _started_content(answer)
-
-    def follow(self, answer: Answer, data: str) -> None:
-        obj = _json(data)
-        if obj is None:
-            return
+    def follow_object(self, answer: Answer, obj: dict) -> None:
         kind = str(obj.get("type", ""))
         response = _mapping(obj.get("response"))
         if kind == "error":
-            answer.error = {k: v for k, v in obj.items() if k in ("code", "message", "param")} or {"message": data}
+            answer.error = {k: v for k, v in obj.items() if k in ("code", "message", "param")} or {"message": json.dumps(obj)}
         elif kind == "response.failed":
             error = response.get("error")
             answer.error = error if isinstance(error, dict) else {"message": "response.failed"}
@@ -460,6 +454,7 @@ class OllamaNative(StreamProtocol):
     Ollama, so a prefill is not a documented continuation."""
 
     name = "ollama"
+    opens_before_content = True
     api = "ollama"
     boundary = re.compile(rb"\r?\n")
     urgent = re.compile(rb'"error"|"done"\s*:\s*true')
@@ -474,13 +469,7 @@ class OllamaNative(StreamProtocol):
     def streams(self, payload: dict) -> bool:
         return payload.get("stream", True) is not False
 
-    def started(self, answer: Answer) -> bool:
-        return _started_content(answer)
-
-    def follow(self, answer: Answer, data: str) -> None:
-        obj = _json(data)
-        if obj is None:
-            return
+    def follow_object(self, answer: Answer, obj: dict) -> None:
         if obj.get("error") is not None:
             answer.error = {"message": str(obj["error"])}
             return
