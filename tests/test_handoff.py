@@ -14,7 +14,7 @@ from llmha.core.candidates import CandidatePicker
 from llmha.core.nodes import NodePool
 from llmha.core.profile import Profile, Upstream
 from llmha.core.splice import StreamFollower
-from llmha.proxy.gate import Gate, LlmRequest
+from llmha.proxy.gate import CompleteAnswer, Gate, LlmRequest
 from llmha.proxy.handoff import HandoffServer, Relay
 from llmha.proxy.httpserver import HttpServer
 from llmha.proxy.pipe import connect_pair
@@ -182,6 +182,60 @@ def test_a_client_that_leaves_mid_stream_releases_the_lease_as_cancelled():
                 await asyncio.sleep(0.01)
             assert s.handoff.active == 0 and s.inflight == 0
             assert s.relay.stream.released and s.relay.stream.record.outcome == "ok"  # not the node's failure
+
+    asyncio.run(main())
+
+
+def test_a_request_for_an_answer_still_being_gated_waits_for_it():
+    """mitmproxy asks before the gate has the first token: the answer goes out once it is given."""
+    async def main():
+        async with served(Upstream_()) as s:
+            path = s.handoff.reserve()
+            fetching = asyncio.ensure_future(fetch(s.handoff, path, tcp=False))
+            await asyncio.sleep(0.1)
+            assert not fetching.done() and s.handoff.pending == 1
+            s.handoff.fulfil(path, s.relay)
+            received, clean = await fetching
+            assert clean and sse_body(received).endswith(b"data: [DONE]\n\n")
+            assert s.handoff.pending == 0 and s.relay.stream.record.outcome == "ok"
+
+    asyncio.run(main())
+
+
+def test_a_whole_answer_is_sent_with_its_length_and_the_connection_serves_on():
+    async def main():
+        handoff = HandoffServer()
+        await handoff.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", handoff.port)
+        for status in (429, 502):
+            path = handoff.reserve()
+            writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            await asyncio.sleep(0.01)
+            handoff.fulfil(path, CompleteAnswer(status, [("content-type", "application/json"),
+                                                         ("content-length", "999")], b'{"error": {}}'))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 %d " % status) and b"content-length: 13\r\n" in head
+            assert b"999" not in head and await reader.readexactly(13) == b'{"error": {}}'
+        writer.close()
+        await handoff.stop()
+
+    asyncio.run(main())
+
+
+def test_an_answer_nobody_waits_for_any_more_is_abandoned_or_closed():
+    """The connection that asked was lost: the gate is stopped; an answer given after that is closed."""
+    async def main():
+        async with served(Upstream_(gap=0.02)) as s:
+            abandoned = []
+            path = s.handoff.reserve(lambda: abandoned.append(True))
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.handoff.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            await asyncio.sleep(0.05)
+            writer.close()
+            await asyncio.sleep(0.05)
+            assert abandoned == [True] and s.handoff.pending == 0
+            s.handoff.fulfil(path, s.relay)  # the gate had it already
+            assert s.relay.stream.released and s.inflight == 0
 
     asyncio.run(main())
 

@@ -94,3 +94,38 @@ def test_protocols_are_recognised_by_path_and_body():
     assert protocol_for("/v1/completions?x=1", {"prompt": "p"}) is PROTOCOLS["openai-completions"]
     assert protocol_for("/v1/embeddings", {"input": "x"}) is None
     assert protocol_for("/v1/chat/completions", {}) is None
+
+
+class CountingChat(type(CHAT)):
+    """The chat protocol, counting the events it parses."""
+
+    parsed = 0
+
+    def follow(self, answer, data):
+        self.parsed += 1
+        super().follow(answer, data)
+
+
+def test_a_lazy_follower_knows_a_well_ended_stream_is_done_without_parsing_its_events():
+    protocol = CountingChat()
+    follower = StreamFollower(protocol, lazy=True)
+    wire = event({"role": "assistant", "content": "Hel"}) + event({"content": "lo"}) + event({}, "stop")
+    assert follower.feed(wire + b"data: [DONE]\n\n") == wire + b"data: [DONE]\n\n"
+    assert follower.done and not follower.failed and protocol.parsed == 0
+    answer = follower.answer  # asked for (after a break, say): parsed now, in order
+    assert (answer.content, answer.finish_reason, answer.events, answer.complete) == ("Hello", "stop", 4, True)
+    assert protocol.parsed == 3
+
+
+def test_a_lazy_follower_parses_what_came_before_an_error_event_first():
+    follower = StreamFollower(CountingChat(), lazy=True)
+    wire = event({"content": "a"}) + b'data: {"error": {"message": "overloaded"}}\n\n' + event({"content": "b"})
+    assert follower.feed(wire) == event({"content": "a"}) and follower.failed
+    assert follower.answer.error == {"message": "overloaded"} and follower.answer.content == "a"
+
+
+def test_a_lazy_follower_passes_an_event_with_a_null_error_on_as_content():
+    follower = StreamFollower(CHAT, lazy=True)
+    wire = event({"content": "a"}) + event({"content": "b"}, error=None) + event({}, "stop") + b"data: [DONE]\n\n"
+    assert follower.feed(wire) == wire and follower.done and not follower.failed
+    assert follower.answer.content == "ab"

@@ -8,8 +8,9 @@ direct, mitmdump, llm-ha, ...):
 * mitmdump: bare mitmdump as a reverse proxy, no addon (`stream_large_bodies=1`, or it would hold
   each answer until it is complete);
 * llm-ha: mitmdump with `-s addons/llm_ha.py` and a profile (primary = the reverse target, plus a
-  fallback). No `stream_large_bodies`: llm-ha streams by itself, and with it every request's body
-  went upstream twice.
+  fallback, both with `resume: prefill`: mid-stream continuation on, so every stream is watched as
+  continuation needs). No `stream_large_bodies`: llm-ha streams by itself, and with it every
+  request's body went upstream twice.
 
 The parts (`--only`, comma-separated):
 
@@ -75,9 +76,11 @@ first_byte_timeout: 10s   # generous: the benchmark measures the data path, fail
 upstreams:
   - name: primary
     protocols: [openai, anthropic, responses, ollama]
+    resume: prefill
   - name: fallback
     nodes: ["{fallback}"]
     protocols: [openai, anthropic, responses, ollama]
+    resume: prefill
 """
 BARE_SCRIPT = '"""No addon: start_mitmdump always loads a script, this one does nothing."""\n'
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from urllib.parse import urlsplit
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 
+from ..core.candidates import Candidate
 from ..core.splice import StreamFollower
-from ..core.types import META_KEY, AttemptRecord, Outcome, describe_attempt
-from ..proxy.gate import CLIENT_CREDENTIALS, GateResult, LlmRequest, internal_error_answer
+from ..core.types import META_KEY, Outcome, describe_attempt
+from ..proxy.gate import CLIENT_CREDENTIALS, CompleteAnswer, GateResult, LlmRequest, internal_error_answer, with_stream_decided
 from ..proxy.handoff import Relay
 from .runtime import Runtime, RuntimeLoader
 
@@ -29,12 +31,18 @@ logger = logging.getLogger("llm_ha")
 
 @dataclass
 class _Handoff:
-    """A streamed flow pointed at the hand-off server, until its answer ends."""
+    """A flow pointed at the hand-off server, until its answer ends."""
 
-    original: http.Request  # the client's request, put back on the flow in `responseheaders`
+    original: http.RequestData  # the client's request, put back on the flow in `responseheaders`
     path: str
-    attempts: list[AttemptRecord]  # the stream's attempts so far; continuations add theirs
+    result: GateResult  # its attempts so far; continuations add theirs
     runtime: Runtime
+    gate: asyncio.Task | None = None  # the gate still looking for the answer, for a streamed request
+    streamed: bool = True  # the answer is a stream (else a whole answer, an error)
+
+    def stop_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.cancel()
 
 
 # Flows handed off but not yet answered. Module-level: a script reload makes new addons (this module
@@ -77,55 +85,72 @@ class FlowGate:
         result = GateResult()
         try:
             candidates = runtime.candidates(request.api, request.payload.get("model"))
+            if with_stream_decided(request).stream:
+                self._gate_in_handoff(flow, runtime, request, candidates, result)
+                return
             finished = await self.client_watch.run(flow, runtime.gate.run(request, candidates, result))
         except Exception:  # a bug of ours must not send the flow on unguarded: answer with an error
             logger.exception("llm-ha: the gate failed on this request")
             result = GateResult(answer=internal_error_answer())
             finished = True
         if not finished:
-            _abandon(flow, runtime, result)
+            _record_abandoned(flow, runtime, result)
+            if flow.killable:
+                flow.kill()
             return
-        if len(result.attempts) > 1 or result.winner is None:
-            _log_flow(flow, summarize([a.to_dict() for a in result.attempts]))
-        self._deliver(flow, runtime, request, result)
-
-    def _deliver(self, flow: http.HTTPFlow, runtime: Runtime, request: LlmRequest, result: GateResult) -> None:
-        attempts = [a.to_dict() for a in result.attempts]
-        summary = summarize(attempts)
-        flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": result.upstream_name, "api": request.api,
-                                   "attempts": attempts, "summary": summary, "streamed": bool(result.stream)}
-        flow.comment = summary
-        extra = [("x-llm-ha-upstream", result.upstream_name), ("x-llm-ha-attempts", str(len(attempts)))]
-        if result.stream:
-            relay = Relay(result.stream, extra)
-            protocol = request.protocol
-            if protocol is not None:
-                relay.follower = StreamFollower(protocol, usage_wanted=request.wants_usage, lazy=True)
-                relay.resume = runtime.resumer(request, result.attempts)
-            path = runtime.handoff.register(relay)
-            _handoffs[flow.id] = _Handoff(flow.request, path, result.attempts, runtime)
+        answer = _answer(flow, runtime, request, result)
+        if isinstance(answer, Relay):
+            path = runtime.handoff.register(answer)
+            _handoffs[flow.id] = _Handoff(flow.request.data, path, result, runtime)
             _point_at_handoff(flow, runtime.handoff.port, path)
-        elif result.answer:
-            answer = result.answer
-            headers = [(k.encode(), v.encode()) for k, v in [*answer.headers, *extra]]
+        else:
+            headers = [(k.encode(), v.encode()) for k, v in answer.headers]
             flow.response = http.Response.make(answer.status, answer.body, headers)
+
+    def _gate_in_handoff(self, flow: http.HTTPFlow, runtime: Runtime, request: LlmRequest,
+                         candidates: list[Candidate], result: GateResult) -> None:
+        """A streamed request goes on to the hand-off server at once, and waits there while the gate looks
+        for its first token: mitmproxy's hop to the hand-off is made during that wait instead of after it.
+        A client that leaves meanwhile ends the flow (`error`) and its hand-off connection: either stops the gate.
+        """
+        handoff = _Handoff(flow.request.data, "", result, runtime)
+        handoff.path = runtime.handoff.reserve(handoff.stop_gate)  # first: the gate may finish at once
+        handoff.gate = asyncio.create_task(self._gate_for_handoff(flow, request, candidates, handoff))
+        _handoffs[flow.id] = handoff
+        _point_at_handoff(flow, runtime.handoff.port, handoff.path)
+
+    async def _gate_for_handoff(self, flow: http.HTTPFlow, request: LlmRequest, candidates: list[Candidate],
+                                handoff: _Handoff) -> None:
+        runtime = handoff.runtime
+        try:
+            await runtime.gate.run(request, candidates, handoff.result)
+        except Exception:
+            logger.exception("llm-ha: the gate failed on this request")
+            handoff.result = GateResult(answer=internal_error_answer())
+        answer = _answer(flow, runtime, request, handoff.result)
+        handoff.streamed = isinstance(answer, Relay)
+        runtime.handoff.fulfil(handoff.path, answer)
 
     # -- streamed flows: put the real request back once the handed-off stream answers
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         handoff = _handoffs.get(flow.id)
         if handoff:
-            flow.request.data = handoff.original.data
-            flow.response.stream = True
+            flow.request.data = handoff.original
+            flow.response.stream = handoff.streamed
             _show_who_answered(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._end_handoff(flow)
         _show_who_answered(flow)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         handoff = self._end_handoff(flow)
         if handoff:
+            if handoff.gate is not None and not handoff.gate.done():  # the client left before an answer
+                handoff.gate.cancel()
+                await asyncio.wait([handoff.gate], timeout=GATE_STOP_S)
+                _record_abandoned(flow, handoff.runtime, handoff.result)
             handoff.runtime.handoff.release(handoff.path)
         _show_who_answered(flow)
 
@@ -134,11 +159,12 @@ class FlowGate:
         handoff = _handoffs.pop(flow.id, None)
         if handoff is None:
             return None
-        flow.request.data = handoff.original.data
+        flow.request.data = handoff.original
         meta = flow.metadata.get(META_KEY)
-        if meta:
-            meta["attempts"] = [a.to_dict() for a in handoff.attempts]
-            meta["upstream"] = handoff.attempts[-1].upstream
+        attempts = handoff.result.attempts
+        if meta and attempts:
+            meta["attempts"] = [a.to_dict() for a in attempts]
+            meta["upstream"] = attempts[-1].upstream
             flow.comment = meta["summary"] = summarize(meta["attempts"])
         return handoff
 
@@ -160,6 +186,7 @@ def _passes_untouched(request: http.Request) -> bool:
 
 
 CLIENT_CHECK_S = 0.05
+GATE_STOP_S = 5.0  # a stopped gate closes its attempts at once; this only bounds the wait
 
 
 class ClientWatch:
@@ -214,16 +241,35 @@ class ClientWatch:
             self._timer = asyncio.get_running_loop().call_later(CLIENT_CHECK_S, self._check)
 
 
-def _abandon(flow: http.HTTPFlow, runtime: Runtime, result: GateResult) -> None:
-    """The client left before an answer: its attempt was closed, nothing more is tried; kill the flow."""
+def _answer(flow: http.HTTPFlow, runtime: Runtime, request: LlmRequest, result: GateResult) -> Relay | CompleteAnswer:
+    """What the client gets: the stream that passed the gate or a whole answer, named on the flow."""
+    attempts = [a.to_dict() for a in result.attempts]
+    summary = summarize(attempts)
+    if len(attempts) > 1 or result.winner is None:
+        _log_flow(flow, summary)
+    flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": result.upstream_name, "api": request.api,
+                               "attempts": attempts, "summary": summary, "streamed": bool(result.stream)}
+    flow.comment = summary
+    extra = [("x-llm-ha-upstream", result.upstream_name), ("x-llm-ha-attempts", str(len(attempts)))]
+    if result.stream:
+        relay = Relay(result.stream, extra)
+        protocol = request.protocol
+        if protocol is not None:
+            relay.follower = StreamFollower(protocol, usage_wanted=request.wants_usage, lazy=True)
+            relay.resume = runtime.resumer(request, result.attempts)
+        return relay
+    answer = result.answer or internal_error_answer()
+    return CompleteAnswer(answer.status, [*answer.headers, *extra], answer.body)
+
+
+def _record_abandoned(flow: http.HTTPFlow, runtime: Runtime, result: GateResult) -> None:
+    """The client left before an answer: its attempt was closed, nothing more is tried."""
     attempts = [a.to_dict() for a in result.attempts]
     summary = " ← ".join(["client left", *(describe_attempt(a) for a in reversed(attempts))])
     flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": "none", "attempts": attempts,
                                "summary": summary, "streamed": False, "client_left": True}
     flow.comment = summary
     _log_flow(flow, summary)
-    if flow.killable:
-        flow.kill()
 
 
 def _log_flow(flow: http.HTTPFlow, what: str) -> None:
@@ -233,11 +279,17 @@ def _log_flow(flow: http.HTTPFlow, what: str) -> None:
 
 
 def _point_at_handoff(flow: http.HTTPFlow, port: int, path: str) -> None:
-    hop = flow.request.copy()
-    hop.scheme, hop.host, hop.port, hop.path = "http", "127.0.0.1", port, path
-    hop.headers.pop("authorization", None)
-    hop.content = b""
-    flow.request = hop
+    """The flow's request becomes a bodiless GET-alike for `path` on the hand-off server (its data only:
+    a copy of the whole request costs more, and this is on the way to every first token)."""
+    hop = copy.copy(flow.request.data)
+    hop.headers = hop.headers.copy()
+    for name in ("authorization", "transfer-encoding"):
+        hop.headers.pop(name, None)
+    hop.headers["host"] = f"127.0.0.1:{port}"
+    hop.headers["content-length"] = "0"
+    hop.scheme, hop.authority, hop.host, hop.port, hop.path = b"http", b"", "127.0.0.1", port, path.encode()
+    hop.content, hop.trailers = b"", None
+    flow.request.data = hop
     # A connection of its own, never through an upstream proxy: the hand-off server is on this machine.
     flow.server_conn = connection.Server(address=("127.0.0.1", port))
 
@@ -293,11 +345,16 @@ def _name_server(flow: http.HTTPFlow, node_url: str) -> None:
     On a copy: the proxy keeps using its own connection object, and would reuse a connection whose
     address said the node's for the node's next requests.
     """
-    url = urlsplit(node_url)
-    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    address = _address_of(node_url)
     if flow.server_conn.address == address:
         return
     shown = copy.copy(flow.server_conn)
     # Past `Server.__setattr__`, which refuses a new address on an open connection: this copy is never connected.
     shown.__dict__["address"] = shown.__dict__["peername"] = address  # for a host name, the name stands for the IP
     flow.server_conn = shown
+
+
+@functools.lru_cache(maxsize=256)
+def _address_of(node_url: str) -> tuple[str, int]:
+    url = urlsplit(node_url)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)

@@ -7,6 +7,7 @@ one line naming the file, the key and the problem. Pure apart from reading the f
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -97,7 +98,7 @@ class Profile:
     retry_budget: RetryBudgetSettings = field(default_factory=RetryBudgetSettings)
     probe: ProbeSettings = field(default_factory=ProbeSettings)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return Path(self.path).stem
 

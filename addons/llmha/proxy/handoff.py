@@ -36,10 +36,11 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from ..core.splice import Answer, Splicer, StreamFollower, splice_comment
 from ..core.types import Outcome
-from .gate import OpenStream
+from .gate import CompleteAnswer, OpenStream
 from .httpserver import path_of
 from .pipe import Shortcut
 
@@ -69,10 +70,17 @@ class Relay:
         return self.follower.answer if self.follower else None
 
 
+Parcel = Relay | CompleteAnswer  # a stream, or an answer the gate has whole (an error, JSON for a stream request)
+
+
 @dataclass
 class _Pending:
-    relay: Relay
+    """A token's answer: ready (`parcel`), or still being gated, with a connection that may wait for it."""
+
     expiry: asyncio.TimerHandle
+    parcel: Parcel | None = None
+    abandon: Callable[[], None] | None = None  # stops the gate of an answer not ready yet
+    waiting: HandoffConnection | None = None
 
 
 class HandoffServer:
@@ -120,28 +128,70 @@ class HandoffServer:
 
     def register(self, relay: Relay) -> str:
         """Park an open stream; returns the path under which mitmproxy fetches it once."""
+        path = self.reserve()
+        self.fulfil(path, relay)
+        return path
+
+    def reserve(self, abandon: Callable[[], None] | None = None) -> str:
+        """A path for an answer still being gated, so that mitmproxy can ask for it while the gate waits
+        for the first token; `fulfil` gives the answer. `abandon` is called if the answer will not be
+        wanted any more (the flow died, its connection was lost, nobody asked in time)."""
         token = secrets.token_urlsafe(18)
         path = PATH_PREFIX + token
         expiry = asyncio.get_running_loop().call_later(self.claim_timeout, self.release, path)
-        self._pending[token] = _Pending(relay, expiry)
+        self._pending[token] = _Pending(expiry, abandon=abandon)
         return path
 
+    def fulfil(self, path: str, parcel: Parcel) -> None:
+        """The answer for a reserved path: delivered at once if mitmproxy is waiting for it, else kept.
+        An answer nobody wants any more is closed."""
+        pending = self._pending.get(path.removeprefix(PATH_PREFIX))
+        if pending is None:
+            _discard(parcel)
+            return
+        pending.parcel, pending.abandon = parcel, None
+        if pending.waiting is not None:
+            self.claim(path)
+            pending.waiting.deliver(parcel)
+
     def release(self, path: str) -> None:
-        """The flow died before fetching its stream, or did not fetch it in time: close it now."""
-        relay = self.claim(path)
-        if relay is not None:
-            relay.stream.finish(Outcome.CANCELLED)
+        """The flow died before fetching its answer, or did not fetch it in time: stop or close it now."""
+        pending = self._pending.pop(path.removeprefix(PATH_PREFIX), None)
+        if pending is None:
+            return
+        pending.expiry.cancel()
+        if pending.parcel is not None:
+            _discard(pending.parcel)
+        elif pending.abandon is not None:
+            pending.abandon()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def claim(self, path: str) -> Relay | None:
-        pending = self._pending.pop(path.removeprefix(PATH_PREFIX), None)
-        if pending is None:
+        """A ready stream, taken (once) to be delivered."""
+        pending = self._pending.get(path.removeprefix(PATH_PREFIX))
+        if pending is None or not isinstance(pending.parcel, Relay):
             return None
+        self._take(path, pending)
+        return pending.parcel
+
+    def _take(self, path: str, pending: _Pending) -> None:
+        del self._pending[path.removeprefix(PATH_PREFIX)]
         pending.expiry.cancel()
-        return pending.relay
+
+    def _ask(self, path: str, connection: HandoffConnection) -> bool:
+        """`connection` asks for `path`: its answer is delivered now or once ready; False: unknown token."""
+        pending = self._pending.get(path.removeprefix(PATH_PREFIX))
+        if pending is None or pending.waiting is not None:
+            return False
+        if pending.parcel is None:
+            pending.waiting = connection
+        else:
+            self._take(path, pending)
+            connection.deliver(pending.parcel)
+        return True
 
     def _connection(self) -> HandoffConnection:
         return HandoffConnection(self)
@@ -149,12 +199,13 @@ class HandoffServer:
 
 class HandoffConnection(asyncio.Protocol):
     """One connection from mitmproxy (in memory or TCP): requests one after the other, each answered
-    with the stream its token names."""
+    with what its token names, as soon as the gate has it."""
 
     def __init__(self, server: HandoffServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.delivery: Delivery | None = None
+        self.asked: str | None = None  # the path of an answer still being gated, waited for
         self.closed = False
         self._buffer = b""
         self._skip = 0  # bytes of a request body still to pass over
@@ -167,6 +218,9 @@ class HandoffConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server._connections.discard(self)
+        if self.asked is not None:
+            self.server.release(self.asked)
+            self.asked = None
         if self.delivery is not None:
             self.delivery.client_left()
 
@@ -180,11 +234,15 @@ class HandoffConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self.delivery is None:
+        if not self.busy:
             self._next_request()
 
     def eof_received(self) -> bool:
-        return self.delivery is not None  # mitmproxy half-closed: finish the answer under way, if any
+        return self.busy  # mitmproxy half-closed: finish the answer under way, if any
+
+    @property
+    def busy(self) -> bool:
+        return self.delivery is not None or self.asked is not None
 
     # -- requests
 
@@ -206,14 +264,33 @@ class HandoffConnection(asyncio.Protocol):
         length = dict(_header(line) for line in header_lines).get("content-length", "0")
         self._skip = int(length) if length.isdigit() else 0
         self._chunked = parts[2] != "HTTP/1.0"
-        relay = self.server.claim(path_of(parts[1]))
-        if relay is None:
+        path = self.asked = path_of(parts[1])
+        if not self.server._ask(path, self):
+            self.asked = None
             self._respond_gone()
             self._next_request()
-            return
-        self.delivery = Delivery(relay, self)
+
+    def deliver(self, parcel: Parcel) -> None:
+        """Answer the request under way with `parcel`."""
+        self.asked = None
         self.server.active += 1
-        self.delivery.start()
+        if isinstance(parcel, CompleteAnswer):
+            self._respond_whole(parcel)
+            self.delivered()
+        else:
+            self.delivery = Delivery(parcel, self)
+            self.delivery.start()
+
+    def _respond_whole(self, answer: CompleteAnswer) -> None:
+        lines = [b"HTTP/1.1 %d %b" % (answer.status, _reason(answer.status))]
+        lines += [f"{k}: {v}".encode("latin-1", "replace") for k, v in answer.headers
+                  if k.lower() not in _NOT_PASSED_ON]
+        lines.append(b"content-length: %d" % len(answer.body))
+        if not self._chunked:
+            lines.append(b"connection: close")
+        self._write(b"\r\n".join(lines) + b"\r\n\r\n" + answer.body)
+        if not self._chunked and self.transport is not None:
+            self.transport.close()
 
     def _respond_gone(self) -> None:
         body = (b'{"error": {"message": "llm-ha: unknown or expired stream", "type": "internal_error", '
@@ -466,3 +543,13 @@ def _header(line: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
+def _discard(parcel: Parcel) -> None:
+    if isinstance(parcel, Relay):
+        parcel.stream.finish(Outcome.CANCELLED)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
