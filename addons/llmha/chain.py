@@ -10,6 +10,7 @@ from __future__ import annotations
 from llmha.addons.commands import Commands
 from llmha.addons.eventlog import EventLogAddon
 from llmha.addons.flowgate import FlowGate
+from llmha.addons.gcfreeze import GcFreeze
 from llmha.addons.panel import PanelAddon
 from llmha.addons.replayreport import ReplayReport
 from llmha.addons.runtime import RuntimeLoader
@@ -30,4 +31,5 @@ def make_addons() -> list:
         Commands(profile),  # llm_ha.status / eject / restore / reset
         StreamView(),  # the "LLM stream" content view
         ReplayReport(),  # llm_ha_replay_report: what-if evaluation of recordings read with -r
+        GcFreeze(),  # llm_ha_gc_freeze: start-up's objects out of full garbage collections
     ]
