@@ -216,6 +216,7 @@ def test_a_whole_answer_is_sent_with_its_length_and_the_connection_serves_on():
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 %d " % status) and b"content-length: 13\r\n" in head
             assert b"999" not in head and await reader.readexactly(13) == b'{"error": {}}'
+            assert handoff.pending == 0
         writer.close()
         await handoff.stop()
 

@@ -151,7 +151,7 @@ class HandoffServer:
             return
         pending.parcel, pending.abandon = parcel, None
         if pending.waiting is not None:
-            self.claim(path)
+            self._take(path, pending)
             pending.waiting.deliver(parcel)
 
     def release(self, path: str) -> None:
