@@ -375,12 +375,13 @@ def _wait_for_line(proxy, text: str, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
-def test_a_failover_is_one_line_in_mitmdumps_default_output(simulators, proxies):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_failover_is_one_line_in_mitmdumps_default_output(simulators, proxies, stream):
     primary = simulators("--no-physics", "--status", "503")
     fallback = simulators("--preset", "fallback")
     proxy = proxies(profile(primary.url, fallback.url), options={"termlog_verbosity": "info"})
 
-    assert post_chat(proxy).headers["x-llm-ha-upstream"] == "fallback"
+    assert post_chat(proxy, {**CHAT, "stream": stream}).headers["x-llm-ha-upstream"] == "fallback"
 
     _wait_for_line(proxy, "llm-ha: POST /v1/chat/completions:")
     line = next(line for line in proxy.output().splitlines() if "llm-ha: POST /v1/chat/completions:" in line)

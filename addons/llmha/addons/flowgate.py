@@ -274,7 +274,9 @@ def _record_abandoned(flow: http.HTTPFlow, runtime: Runtime, result: GateResult)
 
 def _log_flow(flow: http.HTTPFlow, what: str) -> None:
     """One line in mitmdump's own output, with the client's address as mitmproxy shows it."""
-    logger.info(f"llm-ha: {flow.request.method} {flow.request.path}: {what}",
+    handoff = _handoffs.get(flow.id)  # pointed at the hand-off: the client's own request is kept there
+    request = handoff.original if handoff else flow.request.data
+    logger.info(f"llm-ha: {request.method.decode()} {request.path.decode('utf-8', 'replace')}: {what}",
                 extra={"client": flow.client_conn.peername})
 
 
