@@ -190,7 +190,8 @@ GATE_STOP_S = 5.0  # a stopped gate closes its attempts at once; this only bound
 
 
 class ClientWatch:
-    """Cancels the gate of a flow whose client has gone away.
+    """Cancels the gate of a flow whose client has gone away (a request for a whole answer, gated in
+    the `request` hook; a streamed one waits at the hand-off, where its hop's connection tells).
 
     mitmproxy does not cancel a `request` hook when the client leaves; it notices only once the hook
     returns. Until then the one sign is the client connection losing `CAN_READ` (its reader saw the

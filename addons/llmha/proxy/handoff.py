@@ -5,6 +5,11 @@ cannot be given to it directly. Instead the flow is pointed at this server with 
 mitmproxy fetches it like any upstream and streams it to the client chunk by chunk. The flow's real
 URL is put back in `responseheaders`, so what is shown and recorded is the client's request.
 
+The token can be `reserve`d before the gate has an answer: mitmproxy then asks while the gate still
+waits for the first token, and the request is answered once the gate `fulfil`s it (with the open
+stream, or a whole answer such as an error). A connection lost while it waits `abandon`s the answer
+(the gate is stopped); an answer given after nobody waits any more is closed.
+
 The hop costs little: mitmproxy's connection to this server is made in memory (`pipe.Shortcut`; the
 server listens on loopback TCP too, for a loop that takes no shortcut), and each upstream chunk goes
 from the upstream connection's `data_received` through the `Delivery` into mitmproxy's reader in one
@@ -23,7 +28,7 @@ On the way, a stream of a protocol llm-ha can follow (`core/splice.py`) is watch
   never a truncated answer dressed as complete.
 
 A token not fetched within `claim_timeout` (the flow was killed, the client left) is dropped and its
-upstream stream closed, so nothing leaks. However a stream ends, its attempt's lease is released
+upstream stream closed (or its gate stopped), so nothing leaks. However a stream ends, its attempt's lease is released
 once, with the outcome: OK, a break, or CANCELLED when the client left. A hand-off connection that
 mitmproxy keeps for its client's next request holds no socket when it is in memory; it is closed
 with the client's connection, as mitmproxy's own server connections are, or when the server stops.
