@@ -38,7 +38,11 @@ class _Handoff:
     result: GateResult  # its attempts so far; continuations add theirs
     runtime: Runtime
     gate: asyncio.Task | None = None  # the gate still looking for the answer, for a streamed request
-    streamed: bool = True  # the answer is a stream (else a whole answer, an error)
+
+    @property
+    def streamed(self) -> bool:
+        """The answer is a stream (else a whole answer, an error)."""
+        return self.result.stream is not None
 
     def stop_gate(self) -> None:
         if self.gate is not None:
@@ -127,9 +131,7 @@ class FlowGate:
         except Exception:
             logger.exception("llm-ha: the gate failed on this request")
             handoff.result = GateResult(answer=internal_error_answer())
-        answer = _answer(flow, runtime, request, handoff.result)
-        handoff.streamed = isinstance(answer, Relay)
-        runtime.handoff.fulfil(handoff.path, answer)
+        runtime.handoff.fulfil(handoff.path, _answer(flow, runtime, request, handoff.result))
 
     # -- streamed flows: put the real request back once the handed-off stream answers
 

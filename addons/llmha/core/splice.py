@@ -115,17 +115,23 @@ class StreamFollower:
         return buffer[:forward]
 
     def _follow(self, event: bytes) -> bool:
-        """Parse one event now (the ones before it first); False: it is an in-band error."""
+        """Parse one event now (the ones before it first); False: it is an in-band error.
+
+        The stream's end needs no events before it parsed (nobody needs them once the answer is whole):
+        `[DONE]`, or a lazy follower's closing event that ends the answer by itself, kept with the
+        others, in order."""
         data = self.protocol.data_of(event)
         if data is None:
             return True
-        if self.lazy and self._ends_well(event, data):
-            return True
-        self._catch_up()
         answer = self._answer
         if data.strip() == DONE:
             answer.done = True
+        elif self.lazy and self._ends_alone(data):
+            self._keep(event)
+            answer.done = True
+            return True
         else:
+            self._catch_up()
             self.protocol.follow(answer, data)
             if answer.error is not None:
                 return False
@@ -133,21 +139,10 @@ class StreamFollower:
         self.progressed = True
         return True
 
-    def _ends_well(self, event: bytes, data: str) -> bool:
-        """The protocol's end without an error: `done` is known without parsing the events kept before
-        it (nobody needs them once the answer is whole); the event is kept with them, in order."""
-        if data.strip() == DONE:
-            self._answer.done = True
-            self._answer.events += 1
-            self.progressed = True
-            return True
+    def _ends_alone(self, data: str) -> bool:
         alone = Answer()
         self.protocol.follow(alone, data)
-        if not alone.done or alone.error is not None:
-            return False
-        self._keep(event)
-        self._answer.done = True
-        return True
+        return alone.done and alone.error is None
 
     def _keep(self, event: bytes) -> None:
         self._answer.events += 1

@@ -91,7 +91,7 @@ class _Pending:
 class HandoffServer:
     def __init__(self, claim_timeout: float = 30.0) -> None:
         self.claim_timeout = claim_timeout
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Pending] = {}  # by path
         self._server: asyncio.Server | None = None
         self._shortcut: Shortcut | None = None
         self._connections: set[HandoffConnection] = set()
@@ -122,8 +122,8 @@ class HandoffServer:
         for connection in list(self._connections):
             connection.abort()
         await asyncio.sleep(0)  # the aborted connections' `connection_lost` end their streams
-        for token in list(self._pending):
-            self.release(PATH_PREFIX + token)
+        for path in list(self._pending):
+            self.release(path)
 
     async def drain(self, limit: float) -> None:
         """Wait (at most `limit` seconds) until no stream is parked or being delivered."""
@@ -141,16 +141,15 @@ class HandoffServer:
         """A path for an answer still being gated, so that mitmproxy can ask for it while the gate waits
         for the first token; `fulfil` gives the answer. `abandon` is called if the answer will not be
         wanted any more (the flow died, its connection was lost, nobody asked in time)."""
-        token = secrets.token_urlsafe(18)
-        path = PATH_PREFIX + token
+        path = PATH_PREFIX + secrets.token_urlsafe(18)
         expiry = asyncio.get_running_loop().call_later(self.claim_timeout, self.release, path)
-        self._pending[token] = _Pending(expiry, abandon=abandon)
+        self._pending[path] = _Pending(expiry, abandon=abandon)
         return path
 
     def fulfil(self, path: str, parcel: Parcel) -> None:
         """The answer for a reserved path: delivered at once if mitmproxy is waiting for it, else kept.
         An answer nobody wants any more is closed."""
-        pending = self._pending.get(path.removeprefix(PATH_PREFIX))
+        pending = self._pending.get(path)
         if pending is None:
             _discard(parcel)
             return
@@ -161,7 +160,7 @@ class HandoffServer:
 
     def release(self, path: str) -> None:
         """The flow died before fetching its answer, or did not fetch it in time: stop or close it now."""
-        pending = self._pending.pop(path.removeprefix(PATH_PREFIX), None)
+        pending = self._pending.pop(path, None)
         if pending is None:
             return
         pending.expiry.cancel()
@@ -174,21 +173,13 @@ class HandoffServer:
     def pending(self) -> int:
         return len(self._pending)
 
-    def claim(self, path: str) -> Relay | None:
-        """A ready stream, taken (once) to be delivered."""
-        pending = self._pending.get(path.removeprefix(PATH_PREFIX))
-        if pending is None or not isinstance(pending.parcel, Relay):
-            return None
-        self._take(path, pending)
-        return pending.parcel
-
     def _take(self, path: str, pending: _Pending) -> None:
-        del self._pending[path.removeprefix(PATH_PREFIX)]
+        del self._pending[path]
         pending.expiry.cancel()
 
     def _ask(self, path: str, connection: HandoffConnection) -> bool:
         """`connection` asks for `path`: its answer is delivered now or once ready; False: unknown token."""
-        pending = self._pending.get(path.removeprefix(PATH_PREFIX))
+        pending = self._pending.get(path)
         if pending is None or pending.waiting is not None:
             return False
         if pending.parcel is None:
@@ -287,29 +278,22 @@ class HandoffConnection(asyncio.Protocol):
             self.delivery.start()
 
     def _respond_whole(self, answer: CompleteAnswer) -> None:
-        lines = [b"HTTP/1.1 %d %b" % (answer.status, _reason(answer.status))]
-        lines += [f"{k}: {v}".encode("latin-1", "replace") for k, v in answer.headers
-                  if k.lower() not in _NOT_PASSED_ON]
-        lines.append(b"content-length: %d" % len(answer.body))
-        if not self._chunked:
-            lines.append(b"connection: close")
-        self._write(b"\r\n".join(lines) + b"\r\n\r\n" + answer.body)
+        framing = [b"content-length: %d" % len(answer.body), *([] if self._chunked else [b"connection: close"])]
+        self._write(_response_head(answer.status, _reason(answer.status), answer.headers, framing) + answer.body)
         if not self._chunked and self.transport is not None:
             self.transport.close()
 
     def _respond_gone(self) -> None:
         body = (b'{"error": {"message": "llm-ha: unknown or expired stream", "type": "internal_error", '
                 b'"code": "handoff_expired"}}')
-        self._write(b"HTTP/1.1 410 Gone\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
-                    % (len(body), body))
+        headers = [("content-type", "application/json")]
+        self._write(_response_head(410, b"Gone", headers, [b"content-length: %d" % len(body)]) + body)
 
     # -- the response, for the delivery
 
     def start(self, status: int, reason: bytes, headers: list[tuple[str, str]]) -> None:
-        lines = [b"HTTP/1.1 %d %b" % (status, reason or b"")]
-        lines += [f"{k}: {v}".encode("latin-1", "replace") for k, v in headers if k.lower() not in _NOT_PASSED_ON]
-        lines.append(b"transfer-encoding: chunked" if self._chunked else b"connection: close")
-        self._write(b"\r\n".join(lines) + b"\r\n\r\n")
+        framing = b"transfer-encoding: chunked" if self._chunked else b"connection: close"
+        self._write(_response_head(status, reason, headers, [framing]))
 
     def send(self, data: bytes) -> None:
         if data:
@@ -354,7 +338,6 @@ class Delivery:
         self._idle_limit = 0.0
         self._last_progress = 0.0
         self._idle: asyncio.TimerHandle | None = None
-        self._drain: asyncio.TimerHandle | None = None
         self._resuming: asyncio.Task | None = None
         self._over = False
 
@@ -551,6 +534,13 @@ def _header(line: str) -> tuple[str, str]:
 def _discard(parcel: Parcel) -> None:
     if isinstance(parcel, Relay):
         parcel.stream.finish(Outcome.CANCELLED)
+
+
+def _response_head(status: int, reason: bytes, headers: list[tuple[str, str]], framing: list[bytes]) -> bytes:
+    """A response head on this hop: the headers passed on, then this hop's own framing."""
+    lines = [b"HTTP/1.1 %d %b" % (status, reason)]
+    lines += [f"{k}: {v}".encode("latin-1", "replace") for k, v in headers if k.lower() not in _NOT_PASSED_ON]
+    return b"\r\n".join([*lines, *framing]) + b"\r\n\r\n"
 
 
 def _reason(status: int) -> bytes:
