@@ -15,7 +15,7 @@ from llmha.core.nodes import NodePool
 from llmha.core.profile import Profile, Upstream
 from llmha.core.splice import StreamFollower
 from llmha.proxy.gate import CompleteAnswer, Gate, LlmRequest
-from llmha.proxy.handoff import HandoffServer, Relay
+from llmha.proxy.handoff import HandoffServer, Relay, answer_head
 from llmha.proxy.httpserver import HttpServer
 from llmha.proxy.pipe import connect_pair
 from llmha.proxy.upstream import UpstreamClient
@@ -130,8 +130,9 @@ def test_a_whole_stream_is_delivered_and_its_lease_released_ok(tcp):
             received, clean = await fetch(s.handoff, s.handoff.register(s.relay), tcp)
             await asyncio.sleep(0.05)
             assert clean
-            assert received.startswith(b"HTTP/1.1 200 ")
-            assert b"x-llm-ha-upstream: primary" in received
+            assert received.partition(b"\r\n\r\n")[0] == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked"  # framing only
+            status, _, headers = answer_head(s.relay)  # the flow's head, set in `responseheaders`
+            assert status == 200 and ("x-llm-ha-upstream", "primary") in headers
             body = sse_body(received)
             assert body.count(b"data: ") == EVENTS + 1 and body.endswith(b"data: [DONE]\n\n")
             assert s.inflight == 0 and s.handoff.active == 0 and s.handoff.pending == 0
@@ -149,7 +150,7 @@ def test_a_compressed_stream_that_arrived_before_the_fetch_is_delivered_decoded(
             await asyncio.sleep(0.2)  # the whole answer arrives and waits, still compressed
             received, clean = await fetch(s.handoff, path, tcp=False)
             body = sse_body(received)
-            assert clean and b"content-encoding" not in received.partition(b"\r\n\r\n")[0]
+            assert clean and not [k for k, _ in answer_head(s.relay)[2] if k.lower() == "content-encoding"]
             assert body.count(b"data: ") == EVENTS + 1 and body.endswith(b"data: [DONE]\n\n")
 
     asyncio.run(main())
@@ -186,23 +187,31 @@ def test_a_client_that_leaves_mid_stream_releases_the_lease_as_cancelled():
     asyncio.run(main())
 
 
-def test_a_request_for_an_answer_still_being_gated_waits_for_it():
-    """mitmproxy asks before the gate has the first token: the answer goes out once it is given."""
+def test_a_request_for_an_answer_still_being_gated_gets_the_head_at_once_and_the_body_once_given():
+    """mitmproxy asks before the gate has the first token: it has the hop's head at once (and can run its
+    `responseheaders` hook meanwhile), the body once the answer is given, however long after `claim_timeout`."""
     async def main():
         async with served(Upstream_()) as s:
+            s.handoff.claim_timeout = 0.05  # drops tokens nobody asked for, not one being waited for
             path = s.handoff.reserve()
-            fetching = asyncio.ensure_future(fetch(s.handoff, path, tcp=False))
-            await asyncio.sleep(0.1)
-            assert not fetching.done() and s.handoff.pending == 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.handoff.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            await asyncio.sleep(0.2)
+            assert s.handoff.pending == 1
             s.handoff.fulfil(path, s.relay)
-            received, clean = await fetching
-            assert clean and sse_body(received).endswith(b"data: [DONE]\n\n")
+            received = head
+            while not received.endswith(b"0\r\n\r\n"):
+                received += await asyncio.wait_for(reader.read(65536), 5)
+            writer.close()
+            assert sse_body(received).endswith(b"data: [DONE]\n\n")
             assert s.handoff.pending == 0 and s.relay.stream.record.outcome == "ok"
 
     asyncio.run(main())
 
 
-def test_a_whole_answer_is_sent_with_its_length_and_the_connection_serves_on():
+def test_a_whole_answer_is_the_body_its_head_has_its_own_length_and_the_connection_serves_on():
     async def main():
         handoff = HandoffServer()
         await handoff.start()
@@ -211,11 +220,14 @@ def test_a_whole_answer_is_sent_with_its_length_and_the_connection_serves_on():
             path = handoff.reserve()
             writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
             await asyncio.sleep(0.01)
-            handoff.fulfil(path, CompleteAnswer(status, [("content-type", "application/json"),
-                                                         ("content-length", "999")], b'{"error": {}}'))
+            answer = CompleteAnswer(status, [("content-type", "application/json"), ("content-length", "999")],
+                                    b'{"error": {}}')
+            handoff.fulfil(path, answer)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            assert head.startswith(b"HTTP/1.1 %d " % status) and b"content-length: 13\r\n" in head
-            assert b"999" not in head and await reader.readexactly(13) == b'{"error": {}}'
+            assert head == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            assert await reader.readuntil(b"0\r\n\r\n") == b'd\r\n{"error": {}}\r\n0\r\n\r\n'
+            assert answer_head(answer) == (status, b"Too Many Requests" if status == 429 else b"Bad Gateway",
+                                           [("content-type", "application/json"), ("content-length", "13")])
             assert handoff.pending == 0
         writer.close()
         await handoff.stop()

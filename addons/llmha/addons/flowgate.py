@@ -2,7 +2,9 @@
 
 Its `request` hook must run after mitmproxy's built-in addons (a flow answered by server replay is
 left alone, an intercepted flow is sent as the user edited it, once resumed), while a script's
-addons run before them: so `load` appends the hook to the end of mitmproxy's addon chain.
+addons run before them: so `load` appends the hook to the end of mitmproxy's addon chain. A flow
+handed off gets its answer's head in `responseheaders`, before any other addon sees the response:
+that hook is put at the start of the chain.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import contextlib
 import copy
 import functools
 import logging
+import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
+from mitmproxy.flow import Error
 
 from ..core.candidates import Candidate
 from ..core.splice import StreamFollower
 from ..core.types import META_KEY, Outcome, describe_attempt
 from ..proxy.gate import CLIENT_CREDENTIALS, CompleteAnswer, GateResult, LlmRequest, internal_error_answer, with_stream_decided
-from ..proxy.handoff import Relay
+from ..proxy.handoff import Parcel, Relay, answer_head
 from .runtime import Runtime, RuntimeLoader
 
 logger = logging.getLogger("llm_ha")
@@ -34,15 +38,12 @@ class _Handoff:
     """A flow pointed at the hand-off server, until its answer ends."""
 
     original: http.RequestData  # the client's request, put back on the flow in `responseheaders`
-    path: str
     result: GateResult  # its attempts so far; continuations add theirs
     runtime: Runtime
+    path: str = ""
     gate: asyncio.Task | None = None  # the gate still looking for the answer, for a streamed request
-
-    @property
-    def streamed(self) -> bool:
-        """The answer is a stream (else a whole answer, an error)."""
-        return self.result.stream is not None
+    parcel: Parcel | None = None  # the gate's answer: its head is the flow's response head
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # the gate is over (with a parcel, or stopped)
 
     def stop_gate(self) -> None:
         if self.gate is not None:
@@ -58,15 +59,20 @@ class FlowGate:
     def __init__(self, loader: RuntimeLoader) -> None:
         self.loader = loader
         self.last = _LastInChain(self)
+        self.first = _FirstInChain(self)
         self.client_watch = ClientWatch()
 
     def load(self, loader) -> None:
-        ctx.master.addons.add(self.last)
+        addons = ctx.master.addons
+        addons.add(self.last, self.first)
+        addons.chain.remove(self.first)
+        addons.chain.insert(0, self.first)
 
     def done(self) -> None:
         self.client_watch.stop()
-        with contextlib.suppress(ValueError, exceptions.AddonManagerError):
-            ctx.master.addons.remove(self.last)
+        for addon in (self.first, self.last):
+            with contextlib.suppress(ValueError, exceptions.AddonManagerError):
+                ctx.master.addons.remove(addon)
 
     async def gate_request(self, flow: http.HTTPFlow) -> None:
         runtime = self.loader.runtime
@@ -104,20 +110,21 @@ class FlowGate:
             return
         answer = _answer(flow, runtime, request, result)
         if isinstance(answer, Relay):
-            path = runtime.handoff.register(answer)
-            _handoffs[flow.id] = _Handoff(flow.request.data, path, result, runtime)
-            _point_at_handoff(flow, runtime.handoff.port, path)
+            handoff = _Handoff(flow.request.data, result, runtime, path=runtime.handoff.register(answer), parcel=answer)
+            handoff.answered.set()
+            _handoffs[flow.id] = handoff
+            _point_at_handoff(flow, runtime.handoff.port, handoff.path)
         else:
             headers = [(k.encode(), v.encode()) for k, v in answer.headers]
             flow.response = http.Response.make(answer.status, answer.body, headers)
 
     def _gate_in_handoff(self, flow: http.HTTPFlow, runtime: Runtime, request: LlmRequest,
                          candidates: list[Candidate], result: GateResult) -> None:
-        """A streamed request goes on to the hand-off server at once, and waits there while the gate looks
-        for its first token: mitmproxy's hop to the hand-off is made during that wait instead of after it.
-        A client that leaves meanwhile ends the flow (`error`) and its hand-off connection: either stops the gate.
+        """A streamed request goes on to the hand-off server at once while the gate looks for its first token:
+        mitmproxy's hop to the hand-off, and its reading of the hop's head, are made during that wait
+        instead of after it; the flow then waits for its answer's head in `answer_head`.
         """
-        handoff = _Handoff(flow.request.data, "", result, runtime)
+        handoff = _Handoff(flow.request.data, result, runtime)
         handoff.path = runtime.handoff.reserve(handoff.stop_gate)  # first: the gate may finish at once
         handoff.gate = asyncio.create_task(self._gate_for_handoff(flow, request, candidates, handoff))
         _handoffs[flow.id] = handoff
@@ -127,20 +134,33 @@ class FlowGate:
                                 handoff: _Handoff) -> None:
         runtime = handoff.runtime
         try:
-            await runtime.gate.run(request, candidates, handoff.result)
-        except Exception:
-            logger.exception("llm-ha: the gate failed on this request")
-            handoff.result = GateResult(answer=internal_error_answer())
-        runtime.handoff.fulfil(handoff.path, _answer(flow, runtime, request, handoff.result))
+            try:
+                await runtime.gate.run(request, candidates, handoff.result)
+            except Exception:
+                logger.exception("llm-ha: the gate failed on this request")
+                handoff.result = GateResult(answer=internal_error_answer())
+            handoff.parcel = _answer(flow, runtime, request, handoff.result)
+            runtime.handoff.fulfil(handoff.path, handoff.parcel)
+        finally:
+            handoff.answered.set()
 
-    # -- streamed flows: put the real request back once the handed-off stream answers
+    # -- handed-off flows: the answer's head, and the real request back
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
+    async def answer_head(self, flow: http.HTTPFlow) -> None:
+        """The hand-off's response head only frames the body: give the flow its answer's head, once the gate
+        has it (a streamed request waits here for its first token), and its real request back."""
         handoff = _handoffs.get(flow.id)
-        if handoff:
-            flow.request.data = handoff.original
-            flow.response.stream = handoff.streamed
-            _show_who_answered(flow)
+        if handoff is None:
+            return
+        if not handoff.answered.is_set() and not await self.client_watch.run(flow, handoff.answered.wait()):
+            flow.kill()  # the client left while the gate looked for its answer: `error` stops the gate
+            return
+        flow.request.data = handoff.original
+        if handoff.parcel is None:  # the gate was stopped (the hand-off server stopping, the hop lost)
+            flow.kill()
+            return
+        _set_answer_head(flow.response, handoff.parcel)
+        _show_who_answered(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._end_handoff(flow)
@@ -149,9 +169,10 @@ class FlowGate:
     async def error(self, flow: http.HTTPFlow) -> None:
         handoff = self._end_handoff(flow)
         if handoff:
-            if handoff.gate is not None and not handoff.gate.done():  # the client left before an answer
-                handoff.gate.cancel()
-                await asyncio.wait([handoff.gate], timeout=GATE_STOP_S)
+            if handoff.parcel is None:  # the client left, or the flow was killed, before an answer
+                handoff.stop_gate()
+                if handoff.gate is not None:
+                    await asyncio.wait([handoff.gate], timeout=GATE_STOP_S)
                 _record_abandoned(flow, handoff.runtime, handoff.result)
             handoff.runtime.handoff.release(handoff.path)
         _show_who_answered(flow)
@@ -169,6 +190,17 @@ class FlowGate:
             meta["upstream"] = attempts[-1].upstream
             flow.comment = meta["summary"] = summarize(meta["attempts"])
         return handoff
+
+
+class _FirstInChain:
+    """The hand-off's `responseheaders` hook, added at the start of mitmproxy's addon chain: every other
+    addon sees the answer's head."""
+
+    def __init__(self, gate: FlowGate) -> None:
+        self.gate = gate
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        await self.gate.answer_head(flow)
 
 
 class _LastInChain:
@@ -192,16 +224,16 @@ GATE_STOP_S = 5.0  # a stopped gate closes its attempts at once; this only bound
 
 
 class ClientWatch:
-    """Cancels the gate of a flow whose client has gone away (a request for a whole answer, gated in
-    the `request` hook; a streamed one waits at the hand-off, where its hop's connection tells).
+    """Stops a hook's wait for the gate when the flow's client has gone away (a request for a whole
+    answer is gated in the `request` hook; a streamed one waits for its answer's head in `responseheaders`).
 
-    mitmproxy does not cancel a `request` hook when the client leaves; it notices only once the hook
-    returns. Until then the one sign is the client connection losing `CAN_READ` (its reader saw the
-    end), so a timer looks at every gated flow's client connection every `CLIENT_CHECK_S` while any is
-    gated. The gate runs in the hook's own task (no task of its own per request): a departed client's
-    hook task is cancelled, and the cancellation is taken back (`uncancel`) once the gate has stopped,
-    so that the hook returns normally to mitmproxy. HTTP/2 clients that reset one stream but keep the
-    connection are not noticed.
+    mitmproxy does not cancel a hook when the client leaves; it notices only once the hook returns.
+    Until then the one sign is the client connection losing `CAN_READ` (its reader saw the end), so a
+    timer looks at every waiting flow's client connection every `CLIENT_CHECK_S` while any waits; a
+    flow killed meanwhile (from the console) stops waiting too. The wait runs in the hook's own task (no
+    task of its own per request): a departed client's hook task is cancelled, and the cancellation is
+    taken back (`uncancel`) once the wait has stopped, so that the hook returns normally to mitmproxy.
+    HTTP/2 clients that reset one stream but keep the connection are not noticed.
     """
 
     def __init__(self) -> None:
@@ -237,7 +269,7 @@ class ClientWatch:
     def _check(self) -> None:
         self._timer = None
         for task, flow in list(self._gated.items()):
-            if task not in self._left and not flow.client_conn.state & ConnectionState.CAN_READ:
+            if task not in self._left and (not flow.client_conn.state & ConnectionState.CAN_READ or not flow.live):
                 self._left.add(task)
                 task.cancel()
         if self._gated:
@@ -266,9 +298,10 @@ def _answer(flow: http.HTTPFlow, runtime: Runtime, request: LlmRequest, result: 
 
 
 def _record_abandoned(flow: http.HTTPFlow, runtime: Runtime, result: GateResult) -> None:
-    """The client left before an answer: its attempt was closed, nothing more is tried."""
+    """The client left (or the flow was killed) before an answer: its attempt was closed, nothing more is tried."""
     attempts = [a.to_dict() for a in result.attempts]
-    summary = " ← ".join(["client left", *(describe_attempt(a) for a in reversed(attempts))])
+    why = "killed" if flow.error and flow.error.msg == Error.KILLED_MESSAGE and flow.client_conn.connected else "client left"
+    summary = " ← ".join([why, *(describe_attempt(a) for a in reversed(attempts))])
     flow.metadata[META_KEY] = {"profile": runtime.profile.name, "upstream": "none", "attempts": attempts,
                                "summary": summary, "streamed": False, "client_left": True}
     flow.comment = summary
@@ -281,6 +314,21 @@ def _log_flow(flow: http.HTTPFlow, what: str) -> None:
     request = handoff.original if handoff else flow.request.data
     logger.info(f"llm-ha: {request.method.decode()} {request.path.decode('utf-8', 'replace')}: {what}",
                 extra={"client": flow.client_conn.peername})
+
+
+def _set_answer_head(response: http.Response, parcel: Parcel) -> None:
+    """`parcel`'s status, reason and headers on the flow's response, with the hand-off's framing of the body
+    (chunked, or up to the close) for a stream; a whole answer is read whole and sent with its length."""
+    status, reason, headers = answer_head(parcel)
+    whole = not isinstance(parcel, Relay)
+    framing = [(k, v) for k, v in response.headers.fields
+               if k.lower() == b"connection" or (k.lower() == b"transfer-encoding" and not whole)]
+    response.status_code = status
+    response.reason = reason
+    response.headers = http.Headers([(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+                                     for k, v in headers] + framing)
+    response.stream = not whole
+    response.timestamp_start = time.time()  # the answer's head is known now, not when the hop's arrived
 
 
 def _point_at_handoff(flow: http.HTTPFlow, port: int, path: str) -> None:

@@ -2,13 +2,20 @@
 
 mitmproxy sends a response that an addon sets whole, so a streaming answer that the gate holds open
 cannot be given to it directly. Instead the flow is pointed at this server with a one-time token;
-mitmproxy fetches it like any upstream and streams it to the client chunk by chunk. The flow's real
-URL is put back in `responseheaders`, so what is shown and recorded is the client's request.
+mitmproxy fetches it like any upstream and streams it to the client chunk by chunk.
+
+This hop carries the body only. Asked for a token, it answers at once with a head that frames the
+body (`200`, chunked; a connection closed at the end for HTTP/1.0) and nothing else: the answer's own
+head (status, headers) is not known before the gate has the first token, and is set on the flow in
+its `responseheaders` hook (`addons/flowgate.py`), which waits for it. So mitmproxy parses the hop's
+head and runs its `responseheaders` hook while the upstream is still producing the first token,
+instead of after it. The flow's real URL is put back in that hook too, so what is shown and recorded
+is the client's request and the answer's head.
 
 The token can be `reserve`d before the gate has an answer: mitmproxy then asks while the gate still
-waits for the first token, and the request is answered once the gate `fulfil`s it (with the open
-stream, or a whole answer such as an error). A connection lost while it waits `abandon`s the answer
-(the gate is stopped); an answer given after nobody waits any more is closed.
+waits for the first token, and the body follows once the gate `fulfil`s it (with the open stream, or
+a whole answer such as an error). A connection lost while it waits `abandon`s the answer (the gate is
+stopped); an answer given after nobody waits any more is closed.
 
 The hop costs little: mitmproxy's connection to this server is made in memory (`pipe.Shortcut`; the
 server listens on loopback TCP too, for a loop that takes no shortcut), and each upstream chunk goes
@@ -27,9 +34,10 @@ On the way, a stream of a protocol llm-ha can follow (`core/splice.py`) is watch
   it cannot, the client gets an in-band error event naming the break, then the broken connection:
   never a truncated answer dressed as complete.
 
-A token not fetched within `claim_timeout` (the flow was killed, the client left) is dropped and its
-upstream stream closed (or its gate stopped), so nothing leaks. However a stream ends, its attempt's lease is released
-once, with the outcome: OK, a break, or CANCELLED when the client left. A hand-off connection that
+A token not asked for within `claim_timeout` (the flow was killed, the client left) is dropped and its
+upstream stream closed (or its gate stopped), so nothing leaks; once asked for, the asking connection
+holds it, however long the gate takes. However a stream ends, its attempt's lease is released once,
+with the outcome: OK, a break, or CANCELLED when the client left. A hand-off connection that
 mitmproxy keeps for its client's next request holds no socket when it is in memory; it is closed
 with the client's connection, as mitmproxy's own server connections are, or when the server stops.
 """
@@ -54,7 +62,7 @@ logger = logging.getLogger(__name__)
 PATH_PREFIX = "/llm-ha/handoff/"
 DRAIN_AFTER_END_S = 1.0  # how long the upstream may take to end its response after `[DONE]`
 MAX_REQUEST_HEAD = 64 * 1024
-_NOT_PASSED_ON = {"content-length", "transfer-encoding", "connection", "keep-alive"}  # this hop frames its own
+_FRAMING = {"content-length", "transfer-encoding", "connection", "keep-alive"}  # the hop's and the client's own
 
 Resumer = Callable[["Relay", OpenStream, Outcome], Awaitable[OpenStream | None]]
 
@@ -182,8 +190,10 @@ class HandoffServer:
         pending = self._pending.get(path)
         if pending is None or pending.waiting is not None:
             return False
+        connection.open_body()
         if pending.parcel is None:
             pending.waiting = connection
+            pending.expiry.cancel()  # asked for: the connection holds it now (its loss releases it)
         else:
             self._take(path, pending)
             connection.deliver(pending.parcel)
@@ -266,34 +276,28 @@ class HandoffConnection(asyncio.Protocol):
             self._respond_gone()
             self._next_request()
 
+    def open_body(self) -> None:
+        """The head of this hop's response: it frames the body, the answer's own head is set on the flow."""
+        self._write(_BODY_HEAD if self._chunked else _BODY_HEAD_TO_CLOSE)
+
     def deliver(self, parcel: Parcel) -> None:
-        """Answer the request under way with `parcel`."""
+        """Send `parcel`'s body as the body of the response under way."""
         self.asked = None
         self.server.active += 1
         if isinstance(parcel, CompleteAnswer):
-            self._respond_whole(parcel)
+            self.end(parcel.body)
             self.delivered()
         else:
             self.delivery = Delivery(parcel, self)
             self.delivery.start()
 
-    def _respond_whole(self, answer: CompleteAnswer) -> None:
-        framing = [b"content-length: %d" % len(answer.body), *([] if self._chunked else [b"connection: close"])]
-        self._write(_response_head(answer.status, _reason(answer.status), answer.headers, framing) + answer.body)
-        if not self._chunked and self.transport is not None:
-            self.transport.close()
-
     def _respond_gone(self) -> None:
         body = (b'{"error": {"message": "llm-ha: unknown or expired stream", "type": "internal_error", '
                 b'"code": "handoff_expired"}}')
-        headers = [("content-type", "application/json")]
-        self._write(_response_head(410, b"Gone", headers, [b"content-length: %d" % len(body)]) + body)
+        self._write(b"HTTP/1.1 410 Gone\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                    % (len(body), body))
 
-    # -- the response, for the delivery
-
-    def start(self, status: int, reason: bytes, headers: list[tuple[str, str]]) -> None:
-        framing = b"transfer-encoding: chunked" if self._chunked else b"connection: close"
-        self._write(_response_head(status, reason, headers, [framing]))
+    # -- the body, for the delivery
 
     def send(self, data: bytes) -> None:
         if data:
@@ -342,9 +346,7 @@ class Delivery:
         self._over = False
 
     def start(self) -> None:
-        stream = self.relay.stream
-        self.connection.start(stream.status, stream.reason, [*stream.headers, *self.relay.extra_headers])
-        self._follow(stream)
+        self._follow(self.relay.stream)
 
     def _follow(self, stream: OpenStream) -> None:
         self.stream = stream
@@ -536,14 +538,22 @@ def _discard(parcel: Parcel) -> None:
         parcel.stream.finish(Outcome.CANCELLED)
 
 
-def _response_head(status: int, reason: bytes, headers: list[tuple[str, str]], framing: list[bytes]) -> bytes:
-    """A response head on this hop: the headers passed on, then this hop's own framing."""
-    lines = [b"HTTP/1.1 %d %b" % (status, reason)]
-    lines += [f"{k}: {v}".encode("latin-1", "replace") for k, v in headers if k.lower() not in _NOT_PASSED_ON]
-    return b"\r\n".join([*lines, *framing]) + b"\r\n\r\n"
+_BODY_HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+_BODY_HEAD_TO_CLOSE = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n"  # an HTTP/1.0 request: no chunks
 
 
-def _reason(status: int) -> bytes:
+def answer_head(parcel: Parcel) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """The head the client gets for `parcel`: status, reason and headers, without this hop's framing
+    (a whole answer gets its own length)."""
+    if isinstance(parcel, CompleteAnswer):
+        headers = [(k, v) for k, v in parcel.headers if k.lower() not in _FRAMING]
+        return parcel.status, reason_phrase(parcel.status), [*headers, ("content-length", str(len(parcel.body)))]
+    stream = parcel.stream
+    headers = [(k, v) for k, v in [*stream.headers, *parcel.extra_headers] if k.lower() not in _FRAMING]
+    return stream.status, stream.reason, headers
+
+
+def reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
