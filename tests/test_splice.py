@@ -124,6 +124,28 @@ def test_a_lazy_follower_parses_what_came_before_an_error_event_first():
     assert follower.answer.error == {"message": "overloaded"} and follower.answer.content == "a"
 
 
+def test_the_first_token_of_a_stream_whose_every_event_is_one_is_known_without_parsing_it():
+    """The gate's follower: an OpenAI stream has passed at its first data event, an error first fails it;
+    a stream that opens with events carrying no token (Anthropic's) is parsed until content comes."""
+    protocol = CountingChat()
+    follower = StreamFollower(protocol, lazy=not protocol.opens_before_content)
+    assert not follower.started
+    follower.feed(b": keep-alive\n\n")
+    assert not follower.started
+    follower.feed(event({"role": "assistant", "content": "Hel"}))
+    assert follower.started and not follower.failed and protocol.parsed == 0
+    failing = StreamFollower(CountingChat(), lazy=True)
+    failing.feed(b'data: {"error": {"message": "overloaded"}}\n\n')
+    assert failing.failed and not failing.started
+    anthropic = PROTOCOLS["anthropic"]
+    opening = StreamFollower(anthropic, lazy=not anthropic.opens_before_content)
+    opening.feed(b'event: message_start\ndata: {"type": "message_start", "message": {"id": "m"}}\n\n')
+    assert not opening.started
+    opening.feed(b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, '
+                 b'"delta": {"type": "text_delta", "text": "Hi"}}\n\n')
+    assert opening.started
+
+
 def test_a_lazy_follower_passes_an_event_with_a_null_error_on_as_content():
     follower = StreamFollower(CHAT, lazy=True)
     wire = event({"content": "a"}) + event({"content": "b"}, error=None) + event({}, "stop") + b"data: [DONE]\n\n"

@@ -2,7 +2,7 @@
 
 Three paths to the same simulated upstream (`python -m llmsim.server --no-physics`, paced with
 `--token-time` where a figure needs it), measured in interleaved rounds (direct, mitmdump, llm-ha,
-direct, mitmdump, llm-ha, ...):
+then llm-ha, mitmdump, direct, and so on: neither proxy always follows the other):
 
 * direct: the client talks to the simulator;
 * mitmdump: bare mitmdump as a reverse proxy, no addon (`stream_large_bodies=1`, or it would hold
@@ -19,7 +19,9 @@ The parts (`--only`, comma-separated):
 * sweep: 50 / 100 / 200 streams held open at once, each one answer of 200 tokens at 20 tokens/s,
   started evenly over the first second: TTFT p50/p99, inter-token gap p99, proxy CPU %, errors;
 * per-request: short streamed requests (16 tokens) one after another on a keep-alive connection:
-  TTFT, the TTFT each proxy adds to the direct path's, proxy CPU per request;
+  TTFT, the TTFT each proxy adds to the direct path's, proxy CPU per request; 9 rounds (a round takes
+  about a second; on 2 cores shared by client, proxy and simulator, a round's figure depends on where
+  the scheduler puts the three, and 3 rounds made the median a coin toss);
 * startup: from launching mitmdump (bare, or with llm-ha and a profile) to the first proxied answer
   (llm-ha's modules compiled to bytecode first, as an installed package has them).
 
@@ -100,13 +102,14 @@ class Sizes:
     sweep_ramp: float = 1.0  # s over which a level's streams start
     sweep_waves: int = 1  # answers each stream asks for, one after the other (closed loop)
     requests: int = 300
+    request_rounds: int = 9  # rounds of the per-request part (each about a second per path)
     max_tokens: int = 16
     protocol_requests: int = 100  # per API: sequential short requests for the added TTFT
     protocol_tokens: int = 400  # per API: one paced stream for the CPU per chunk
 
 
 FULL = Sizes()
-QUICK = Sizes(rounds=2, startup_rounds=2, chunk_tokens=100, chunk_token_time=0.002, chunk_streams=4,
+QUICK = Sizes(rounds=2, startup_rounds=2, request_rounds=2, chunk_tokens=100, chunk_token_time=0.002, chunk_streams=4,
               sweep_streams=(5, 10), sweep_tokens=10, sweep_rate=50.0, sweep_ramp=0.1, requests=20,
               protocol_requests=10, protocol_tokens=50)
 
@@ -459,8 +462,9 @@ class Results:
 
 
 def interleaved(rounds: int, targets: list[Target]) -> Iterator[tuple[int, Target]]:
+    """Every target once per round; every other round in the reverse order."""
     for round_ in range(rounds):
-        for target in targets:
+        for target in targets if round_ % 2 == 0 else targets[::-1]:
             yield round_, target
 
 
@@ -524,7 +528,7 @@ def part_per_request(sizes: Sizes, results: Results, machine: Machine, fallback:
     tokens = sizes.max_tokens
     with simulator(machine, "--no-physics") as sim, three_paths(machine, sim.url, fallback, workdir) as targets:
         warm_up(targets)
-        for _, target in interleaved(sizes.rounds, targets):
+        for _, target in interleaved(sizes.request_rounds, targets):
             answers, _, cpu = measured(target, run_streams(target, 1, tokens, waves=sizes.requests))
             ttfts = [a.first_token for a in answers if a.first_token is not None]
             results.add("request_ttft_p50_ms", target.path, 1000 * percentile(ttfts, 50))
@@ -664,7 +668,7 @@ def titles(sizes: Sizes) -> dict[str, str]:
                  f"{sizes.sweep_rate:g} tokens/s, streams started over {sizes.sweep_ramp:g} s"
                  + (f", {sizes.sweep_waves} answers each (closed loop)" if sizes.sweep_waves > 1 else ""),
         "per-request": f"Per request: {sizes.requests} streamed requests of {sizes.max_tokens} tokens, "
-                       "one after the other on a keep-alive connection",
+                       f"one after the other on a keep-alive connection, {sizes.request_rounds} rounds",
         "startup": "Start-up",
         "protocols": f"Per API: {sizes.protocol_requests} sequential requests of {sizes.max_tokens} tokens (added TTFT), "
                      f"one stream of {sizes.protocol_tokens} tokens at {sizes.chunk_token_time * 1000:g} ms/token (CPU)",
@@ -869,8 +873,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = QUICK if args.quick else FULL
     args.sizes = replace(base, **{f.name: getattr(args, f.name) for f in fields(Sizes)
                                   if getattr(args, f.name) is not None})
-    if args.sizes.rounds < 1 or args.sizes.startup_rounds < 1:
-        parser.error("--rounds and --startup-rounds must be at least 1")
+    if min(args.sizes.rounds, args.sizes.startup_rounds, args.sizes.request_rounds) < 1:
+        parser.error("--rounds, --startup-rounds and --request-rounds must be at least 1")
     return args
 
 

@@ -332,19 +332,26 @@ def _set_answer_head(response: http.Response, parcel: Parcel) -> None:
 
 
 def _point_at_handoff(flow: http.HTTPFlow, port: int, path: str) -> None:
-    """The flow's request becomes a bodiless GET-alike for `path` on the hand-off server (its data only:
-    a copy of the whole request costs more, and this is on the way to every first token)."""
+    """The flow's request becomes a bodiless request for `path` on the hand-off server, on a connection of
+    its own (never through an upstream proxy: the hand-off server is on this machine). Its headers are
+    only the hop's own: no addon sees this request (the client's is put back in `responseheaders`), and
+    this is on the way to every first token, so it is made from the request's data and templates."""
     hop = copy.copy(flow.request.data)
-    hop.headers = hop.headers.copy()
-    for name in ("authorization", "transfer-encoding"):
-        hop.headers.pop(name, None)
-    hop.headers["host"] = f"127.0.0.1:{port}"
-    hop.headers["content-length"] = "0"
+    hop.headers = http.Headers(_hop_headers(port))
     hop.scheme, hop.authority, hop.host, hop.port, hop.path = b"http", b"", "127.0.0.1", port, path.encode()
     hop.content, hop.trailers = b"", None
     flow.request.data = hop
-    # A connection of its own, never through an upstream proxy: the hand-off server is on this machine.
-    flow.server_conn = connection.Server(address=("127.0.0.1", port))
+    flow.server_conn = copy.copy(_hop_server(port))  # a spec mitmproxy connects by (or reuses a connection for)
+
+
+@functools.lru_cache(maxsize=8)
+def _hop_headers(port: int) -> tuple[tuple[bytes, bytes], ...]:
+    return (b"host", b"127.0.0.1:%d" % port), (b"content-length", b"0")
+
+
+@functools.lru_cache(maxsize=8)
+def _hop_server(port: int) -> connection.Server:
+    return connection.Server(address=("127.0.0.1", port))
 
 
 # -- who answered, as the flow list shows it

@@ -67,7 +67,8 @@ class StreamFollower:
     `lazy`: an event is parsed only when it may end the stream (the protocol's `urgent` events: its
     end, an error) or when `answer` is asked for (after a break); the others are kept as they came, up
     to `LAZY_BYTES`, so a stream that ends well costs a scan for event boundaries, not a JSON parse per
-    event. The gate follows eagerly: it must know when the first token comes.
+    event. The gate follows lazily too where every data event is a token (`started`), eagerly where the
+    stream opens with events that carry none (`opens_before_content`).
     """
 
     LAZY_BYTES = 256 * 1024  # raw events kept unparsed per stream; beyond, they are parsed and dropped
@@ -96,6 +97,13 @@ class StreamFollower:
     def failed(self) -> bool:
         """An in-band error event arrived (it was not passed on)."""
         return self._answer.error is not None
+
+    @property
+    def started(self) -> bool:
+        """The first token has come: for an API whose every data event is one, known without parsing them."""
+        if not self.protocol.opens_before_content:
+            return self._answer.events > 0
+        return self.protocol.started(self.answer)
 
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from the upstream; return those the client may have now."""

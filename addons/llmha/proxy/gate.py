@@ -547,16 +547,16 @@ class Gate:
         rest = response.aiter_bytes()
         head: list[bytes] = []
         buffer = b""
-        follower = StreamFollower(protocol) if protocol is not None else None
+        follower = StreamFollower(protocol, lazy=not protocol.opens_before_content) if protocol is not None else None
         async for chunk in rest:
             if record.ttfb_s is None:
                 record.ttfb_s = time.monotonic() - started
             head.append(chunk)
             if follower is not None:
                 follower.feed(chunk)
-                if follower.answer.error is not None:
+                if follower.failed:
                     raise _AttemptFailed(Outcome.IN_BAND_ERROR)
-                passed, waiting = follower.protocol.started(follower.answer), follower.pending
+                passed, waiting = follower.started, follower.pending
             else:
                 events, buffer = split_events(buffer + chunk)
                 first = next((d for d in map(event_data, events) if d is not None), None)

@@ -15,6 +15,7 @@ an https one through a CONNECT tunnel.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -69,9 +70,7 @@ class UpstreamClient:
 
     async def send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
         """Send a request; returns once the response head has arrived (the body is read with `chunks`)."""
-        parts = urlsplit(url)
-        origin = Origin.of(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        origin, target = _origin_and_target(url)
         if self.proxy and origin.scheme == "http":
             target = f"http://{origin.authority}{target}"  # absolute form, through the upstream proxy
         request = _request_bytes(method, target, origin, headers, body)
@@ -583,6 +582,14 @@ def _decoder(encoding: str):
         import brotli  # a dependency of mitmproxy
         return brotli.Decompressor().process
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin_and_target(url: str) -> tuple[Origin, str]:
+    """Where `url` is asked, and what for: its origin and its path with the query string (a node's URL and
+    an API path, the same few again and again)."""
+    parts = urlsplit(url)
+    return Origin.of(url), (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _request_bytes(method: str, target: str, origin: Origin, headers: list[tuple[str, str]], body: bytes) -> bytes:
