@@ -24,7 +24,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m llmbench.demo
 
-# Interleaved rounds of direct / bare mitmdump / mitmdump + llm-ha, about 8 minutes; BENCH_ARGS=--quick for a
+# Interleaved rounds of direct / bare mitmdump / mitmdump + llm-ha, about 13 minutes; BENCH_ARGS=--quick for a
 # smoke run, BENCH_ARGS="--only sweep" for one part (python -m llmbench.bench_overhead --help).
 bench-overhead: $(STAMP)
 	$(PY) -m llmbench.bench_overhead $(BENCH_ARGS)

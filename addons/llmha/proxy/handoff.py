@@ -547,13 +547,13 @@ def answer_head(parcel: Parcel) -> tuple[int, bytes, list[tuple[str, str]]]:
     (a whole answer gets its own length)."""
     if isinstance(parcel, CompleteAnswer):
         headers = [(k, v) for k, v in parcel.headers if k.lower() not in _FRAMING]
-        return parcel.status, reason_phrase(parcel.status), [*headers, ("content-length", str(len(parcel.body)))]
+        return parcel.status, _reason_phrase(parcel.status), [*headers, ("content-length", str(len(parcel.body)))]
     stream = parcel.stream
     headers = [(k, v) for k, v in [*stream.headers, *parcel.extra_headers] if k.lower() not in _FRAMING]
     return stream.status, stream.reason, headers
 
 
-def reason_phrase(status: int) -> bytes:
+def _reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
