@@ -152,6 +152,9 @@ class FlowGate:
         handoff = _handoffs.get(flow.id)
         if handoff is None:
             return
+        if flow.response.status_code != 200:  # the hop did not know the token (410, expired): its answer stands
+            flow.request.data = handoff.original
+            return
         if not handoff.answered.is_set() and not await self.client_watch.run(flow, handoff.answered.wait()):
             flow.kill()  # the client left while the gate looked for its answer: `error` stops the gate
             return
