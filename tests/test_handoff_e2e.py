@@ -98,3 +98,4 @@ def test_a_flow_killed_while_waiting_for_its_first_token_stops_its_gate(simulato
     node = proxy.node("primary")
     assert node["failures"] == 0 and node["inflight"] == 0, node
     assert "killed ← primary cancelled" in proxy.output()
+    assert "Traceback" not in proxy.output() and "not killable" not in proxy.output()

@@ -156,7 +156,8 @@ class FlowGate:
             flow.request.data = handoff.original
             return
         if not handoff.answered.is_set() and not await self.client_watch.run(flow, handoff.answered.wait()):
-            flow.kill()  # the client left while the gate looked for its answer: `error` stops the gate
+            if flow.killable:  # (a flow killed from the console is killed already)
+                flow.kill()  # the client left while the gate looked for its answer: `error` stops the gate
             return
         flow.request.data = handoff.original
         if handoff.parcel is None:  # the gate was stopped (the hand-off server stopping, the hop lost)
