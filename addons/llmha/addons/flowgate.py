@@ -16,7 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -43,7 +43,6 @@ class _Handoff:
     path: str = ""
     gate: asyncio.Task | None = None  # the gate still looking for the answer, for a streamed request
     parcel: Parcel | None = None  # the gate's answer: its head is the flow's response head
-    answered: asyncio.Event = field(default_factory=asyncio.Event)  # the gate is over (with a parcel, or stopped)
 
     def stop_gate(self) -> None:
         if self.gate is not None:
@@ -111,7 +110,6 @@ class FlowGate:
         answer = _answer(flow, runtime, request, result)
         if isinstance(answer, Relay):
             handoff = _Handoff(flow.request.data, result, runtime, path=runtime.handoff.register(answer), parcel=answer)
-            handoff.answered.set()
             _handoffs[flow.id] = handoff
             _point_at_handoff(flow, runtime.handoff.port, handoff.path)
         else:
@@ -134,15 +132,12 @@ class FlowGate:
                                 handoff: _Handoff) -> None:
         runtime = handoff.runtime
         try:
-            try:
-                await runtime.gate.run(request, candidates, handoff.result)
-            except Exception:
-                logger.exception("llm-ha: the gate failed on this request")
-                handoff.result = GateResult(answer=internal_error_answer())
-            handoff.parcel = _answer(flow, runtime, request, handoff.result)
-            runtime.handoff.fulfil(handoff.path, handoff.parcel)
-        finally:
-            handoff.answered.set()
+            await runtime.gate.run(request, candidates, handoff.result)
+        except Exception:
+            logger.exception("llm-ha: the gate failed on this request")
+            handoff.result = GateResult(answer=internal_error_answer())
+        handoff.parcel = _answer(flow, runtime, request, handoff.result)
+        runtime.handoff.fulfil(handoff.path, handoff.parcel)
 
     # -- handed-off flows: the answer's head, and the real request back
 
@@ -152,16 +147,14 @@ class FlowGate:
         handoff = _handoffs.get(flow.id)
         if handoff is None:
             return
-        if flow.response.status_code != 200:  # the hop did not know the token (410, expired): its answer stands
-            flow.request.data = handoff.original
-            return
-        if not handoff.answered.is_set() and not await self.client_watch.run(flow, handoff.answered.wait()):
-            if flow.killable:  # (a flow killed from the console is killed already)
-                flow.kill()  # the client left while the gate looked for its answer: `error` stops the gate
-            return
         flow.request.data = handoff.original
-        if handoff.parcel is None:  # the gate was stopped (the hand-off server stopping, the hop lost)
-            flow.kill()
+        if flow.response.status_code != 200:  # the hop did not know the token (410, expired): its answer stands
+            return
+        gate = handoff.gate
+        waited = gate is None or gate.done() or await self.client_watch.run(flow, asyncio.wait([gate]))
+        if not waited or handoff.parcel is None:  # the client left, the flow was killed, the gate was stopped
+            if flow.killable:  # (a flow killed from the console is killed already)
+                flow.kill()  # `error` stops the gate and records why
             return
         _set_answer_head(flow.response, handoff.parcel)
         _show_who_answered(flow)
